@@ -1,0 +1,66 @@
+"""The FastAPI application factory. Knows nothing of torch: generation happens in the worker,
+which talks to the API only through the job store (and in-process events)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+
+from fluxserve import __version__
+from fluxserve.api.deps import Services
+from fluxserve.api.errors import install_error_handlers
+from fluxserve.api.generation import GenerationService
+from fluxserve.api.routes import enterprise, files, v6
+from fluxserve.config import Settings
+from fluxserve.events import JobEvents
+from fluxserve.jobs.database import open_database
+from fluxserve.jobs.store import JobStore
+from fluxserve.keys import KeyStore
+from fluxserve.models import Registry
+from fluxserve.storage.local import LocalStorage
+
+
+def create_app(
+    settings: Settings,
+    registry: Registry,
+    *,
+    events: JobEvents | None = None,
+    on_startup: Callable[[], None] | None = None,
+    on_shutdown: Callable[[], None] | None = None,
+) -> FastAPI:
+    sessions = open_database(settings.resolved_database_url)
+    events = events or JobEvents()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with httpx.AsyncClient(headers={"User-Agent": f"fluxserve/{__version__}"}) as http:
+            app.state.services = Services(
+                generation=GenerationService(
+                    settings=settings, registry=registry, jobs=JobStore(sessions),
+                    storage=LocalStorage(settings.outputs_dir, settings.base_url),
+                    inputs=LocalStorage(settings.inputs_dir, settings.base_url),
+                    events=events, http=http,
+                ),
+                keys=KeyStore(sessions),
+            )
+            if on_startup:
+                on_startup()
+            try:
+                yield
+            finally:
+                if on_shutdown:
+                    on_shutdown()
+
+    app = FastAPI(
+        title="fluxserve",
+        version=__version__,
+        description="Self-hosted image generation that speaks the ModelsLab API.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    for router in (enterprise, v6, files):
+        app.include_router(router)
+    return app

@@ -1,0 +1,52 @@
+"""FastAPI dependencies: the services container and API key authentication."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
+
+from fluxserve.api.errors import ApiError
+from fluxserve.api.generation import GenerationService
+from fluxserve.jobs.tables import ApiKey
+from fluxserve.keys import KeyStore
+
+
+@dataclass
+class Services:
+    generation: GenerationService
+    keys: KeyStore
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+async def _presented_key(request: Request) -> str | None:
+    """The key from a `Key` header, `Authorization: Bearer`, or the JSON body's `key`."""
+    header = request.headers.get("key") or request.headers.get("x-api-key")
+    if header:
+        return header.strip()
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    try:
+        body = await request.json()
+    except ValueError:
+        return None
+    key = body.get("key") if isinstance(body, dict) else None
+    return key if isinstance(key, str) else None
+
+
+async def require_key(request: Request, services: Annotated[Services, Depends(get_services)]) -> ApiKey:
+    presented = await _presented_key(request)
+    key = await run_in_threadpool(services.keys.authenticate, presented)
+    if key is None:
+        raise ApiError(401, "Invalid API key")
+    return key
+
+
+AuthKey = Annotated[ApiKey, Depends(require_key)]
+ServicesDep = Annotated[Services, Depends(get_services)]

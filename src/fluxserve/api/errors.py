@@ -1,0 +1,59 @@
+"""ModelsLab-shaped errors: every refusal is {"status": "error", "message": ...}."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(self, status_code: int, message: str, **extra):
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.extra = extra
+
+
+def error_response(status_code: int, message: str, **extra) -> JSONResponse:
+    return JSONResponse({"status": "error", "message": message, **extra}, status_code=status_code)
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    """One readable sentence from pydantic's first complaint."""
+    error = exc.errors()[0]
+    kind = error.get("type", "")
+    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+    if kind == "json_invalid":
+        return "Request body is not valid JSON"
+    if not loc and kind in ("missing", "model_attributes_type", "dict_type", "model_type"):
+        return "Request body must be a JSON object"
+    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    if not loc or message.startswith(loc[0]):
+        return message
+    return f"{'.'.join(loc)} {message}" if message.startswith("must") else f"{'.'.join(loc)}: {message}"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status_code, exc.message, **exc.extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(400, validation_message(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        messages = {404: "Not found", 405: "Method not allowed"}
+        return error_response(exc.status_code, messages.get(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(500, "Internal server error. Please try again.")

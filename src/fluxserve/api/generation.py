@@ -1,0 +1,165 @@
+"""The serving logic behind the generation routes: turn a validated request into a durable job,
+then answer with its result, or "processing" once the wait bound passes."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from fluxserve.api.errors import ApiError
+from fluxserve.api.responses import failure_body, processing_body, success_body
+from fluxserve.config import Settings
+from fluxserve.events import JobEvents
+from fluxserve.images import ImageInputError, decode_image, encode_png, fetch_image_bytes
+from fluxserve.jobs.status import JobStatus
+from fluxserve.jobs.store import JobStore
+from fluxserve.jobs.tables import ApiKey, Job
+from fluxserve.models import ModelSpec, Registry, UnknownModel
+from fluxserve.params import SEED_MAX, GenerationRequest, JobParams
+from fluxserve.storage.local import LocalStorage
+
+POLL_SECONDS = 1.0  # fallback polling when the worker runs elsewhere
+
+
+@dataclass
+class GenerationService:
+    settings: Settings
+    registry: Registry
+    jobs: JobStore
+    storage: LocalStorage
+    inputs: LocalStorage
+    events: JobEvents
+    http: httpx.AsyncClient
+
+    # -- submission ---------------------------------------------------------------------------
+    async def submit(self, key: ApiKey, request: GenerationRequest, *, pipelines: tuple[str, ...] = ()) -> JSONResponse:
+        spec = self._model(request.model, pipelines)
+        inputs = [await self._store_init_image(url) for url in request.init_images]
+        input_2 = await self._store_init_image(request.init_image_2) if request.init_image_2 else None
+        params = self._resolve(request, spec, inputs, input_2)
+        file_prefix = str(uuid.uuid4())
+        job = await run_in_threadpool(
+            self.jobs.create, key_id=key.id, server=request.server, model=spec.name, task=request.task,
+            params=params.to_dict(), meta=self._meta(request, spec, params, file_prefix), file_prefix=file_prefix,
+        )
+        self.events.job_queued()
+        if request.instant_response:
+            return await self._answer(job)
+        return await self._wait_and_answer(job.id)
+
+    def _model(self, name: str, pipelines: tuple[str, ...]) -> ModelSpec:
+        try:
+            spec = self.registry.get(name)
+        except UnknownModel:
+            raise ApiError(404, f"Model not found: {name}") from None
+        if pipelines and spec.pipeline not in pipelines:
+            raise ApiError(404, f"Model not found: {name}")
+        return spec
+
+    async def _store_init_image(self, url: str) -> str:
+        """Fetch, decode and keep the init image under the data dir, so the job can be retried
+        after a crash without fetching again. Returns the stored file name."""
+        try:
+            data = await fetch_image_bytes(
+                url, client=self.http, max_bytes=self.settings.max_init_image_bytes,
+                timeout=self.settings.init_image_timeout_seconds,
+            )
+            png = await run_in_threadpool(lambda: encode_png(decode_image(data)))
+        except ImageInputError as exc:
+            raise ApiError(400, str(exc)) from None
+        name = hashlib.sha256(png).hexdigest() + ".png"
+        if not self.inputs.root.joinpath(name).exists():
+            await run_in_threadpool(self.inputs.save, name, png)
+        return name
+
+    @staticmethod
+    def _resolve(request: GenerationRequest, spec: ModelSpec, inputs: list[str], input_2: str | None) -> JobParams:
+        base_seed = request.seed if request.seed is not None else secrets.randbelow(SEED_MAX + 1)
+        img2img = request.task == "img2img"
+        return JobParams(
+            model=spec.name, task=request.task, prompt=request.prompt, negative_prompt=request.negative_prompt,
+            width=request.width, height=request.height,
+            seeds=[(base_seed + i) % (SEED_MAX + 1) for i in range(request.samples)],
+            steps=request.steps or spec.steps,
+            guidance=spec.guidance if request.guidance is None else request.guidance,
+            strength=(spec.strength if request.strength is None else request.strength) if img2img else None,
+            true_cfg_scale=request.true_cfg_scale or spec.true_cfg_scale,
+            inputs=inputs, input_2=input_2, safety_checker=request.safety_checker, base64=request.base64,
+        )
+
+    @staticmethod
+    def _meta(request: GenerationRequest, spec: ModelSpec, params: JobParams, file_prefix: str) -> dict[str, Any]:
+        yes_no = {True: "yes", False: "no"}
+        meta: dict[str, Any] = {
+            "prompt": params.prompt,
+            "negative_prompt": params.negative_prompt,
+            "negative_prompt_applied": bool(
+                params.negative_prompt and spec.negative_prompt_supported and params.true_cfg_scale > 1
+            ),
+            "model_id": spec.name,
+            "width": params.width,
+            "height": params.height,
+            "n_samples": len(params.seeds),
+            "seed": params.seeds[0],
+            "seeds": params.seeds,
+            "num_inference_steps": params.steps,
+            "guidance_scale": params.guidance,
+            "safety_checker": yes_no[params.safety_checker],
+            "base64": yes_no[params.base64],
+            "instant_response": yes_no[request.instant_response],
+            "temp": yes_no[request.temp],
+            "enhance_prompt": "no",
+            "file_prefix": file_prefix,
+            "track_id": request.track_id,
+        }
+        if spec.negative_prompt_supported:
+            meta["true_cfg_scale"] = params.true_cfg_scale
+        if request.task == "img2img":
+            meta["strength"] = params.strength
+            meta["init_image"] = request.init_images[0] if len(request.init_images) == 1 else request.init_images
+            if request.init_image_2:
+                meta["init_image_2"] = request.init_image_2
+        return meta
+
+    # -- answering ----------------------------------------------------------------------------
+    async def fetch(self, key: ApiKey, job_id: int) -> JSONResponse:
+        job = await run_in_threadpool(self.jobs.get, job_id, key.id)
+        if job is None:
+            raise ApiError(404, "Request not found")
+        return await self._answer(job)
+
+    async def _wait_and_answer(self, job_id: int) -> JSONResponse:
+        deadline = time.monotonic() + self.settings.sync_wait_seconds
+        while True:
+            job = await run_in_threadpool(self.jobs.get, job_id)
+            remaining = deadline - time.monotonic()
+            if JobStatus(job.status).is_terminal or remaining <= 0:
+                return await self._answer(job)
+            await self.events.wait(job_id, min(remaining, POLL_SECONDS))
+
+    async def _answer(self, job: Job) -> JSONResponse:
+        status = JobStatus(job.status)
+        if status is JobStatus.SUCCEEDED:
+            try:
+                body = await run_in_threadpool(success_body, job, self.storage)
+            except FileNotFoundError:
+                raise ApiError(410, "The images of this request are no longer stored") from None
+            return JSONResponse(body)
+        if status is JobStatus.FAILED:
+            return JSONResponse(failure_body(job), status_code=500)
+        eta = await run_in_threadpool(self._eta, job)
+        return JSONResponse(processing_body(job, self.storage, self.settings.base_url, eta))
+
+    def _eta(self, job: Job) -> float:
+        per_job = self.jobs.recent_generation_time(job.model)
+        if per_job is None:  # nothing measured yet: a rough guess from the step count
+            per_job = 0.5 * job.params["steps"] * len(job.params["seeds"])
+        return round((self.jobs.jobs_ahead(job.id) + 1) * per_job, 2)

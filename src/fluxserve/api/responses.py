@@ -1,0 +1,64 @@
+"""The success / processing / error bodies of the ModelsLab contract, built from a job row."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fluxserve.images import to_base64
+from fluxserve.jobs.status import JobStatus
+from fluxserve.jobs.tables import Job
+from fluxserve.storage.local import LocalStorage
+
+FETCH_PATHS = {
+    "flux_klein": "/api/v1/enterprise/flux_klein/fetch/{id}",
+    "realtime": "/api/v1/enterprise/realtime/fetch/{id}",
+    "flux": "/api/v1/enterprise/flux/fetch/{id}",
+    "v6": "/api/v6/images/fetch/{id}",
+    "v6_realtime": "/api/v6/realtime/fetch/{id}",
+}
+
+
+def output_names(job: Job) -> list[str]:
+    """The file names a job's images get: fixed when it is queued, so future_links are exact."""
+    return [f"{job.file_prefix}-{i}.png" for i in range(len(job.params["seeds"]))]
+
+
+def fetch_url(base_url: str, job: Job) -> str:
+    return base_url + FETCH_PATHS[job.server].format(id=job.id)
+
+
+def success_body(job: Job, storage: LocalStorage) -> dict[str, Any]:
+    links = [storage.url_for(name) for name in job.outputs]
+    output = [to_base64(storage.read(name)) for name in job.outputs] if job.params.get("base64") else links
+    return {
+        "status": "success",
+        "generationTime": round(job.generation_time or 0.0, 4),
+        "id": job.id,
+        "output": output,
+        "proxy_links": links,
+        "nsfw_content_detected": bool(job.nsfw_detected),
+        "webhook_status": "",
+        "tip": "",
+        "meta": job.meta,
+    }
+
+
+def processing_body(job: Job, storage: LocalStorage, base_url: str, eta: float) -> dict[str, Any]:
+    links = [storage.url_for(name) for name in output_names(job)]
+    state = "queued" if job.status == JobStatus.QUEUED.value else "being generated"
+    return {
+        "status": "processing",
+        "tip": f"Your request is {state}; fetch it from fetch_result or wait for the future_links.",
+        "eta": eta,
+        "message": "Request processing",
+        "fetch_result": fetch_url(base_url, job),
+        "id": job.id,
+        "output": [],
+        "meta": job.meta,
+        "future_links": links,
+        "proxy_links": links,
+    }
+
+
+def failure_body(job: Job) -> dict[str, Any]:
+    return {"status": "error", "id": job.id, "message": job.error or "Generation failed", "output": []}

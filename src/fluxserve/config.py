@@ -1,0 +1,60 @@
+"""All configuration in one place: environment variables with the FLUXSERVE_ prefix,
+overridable by CLI flags. Paths left unset are derived from ``data_dir``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLUXSERVE_", extra="ignore")
+
+    data_dir: Path = Field(Path("data"), description="Holds the SQLite file, inputs, outputs, tiny models.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite file in data_dir.")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_base_url: str | None = Field(
+        None, description="Base of the URLs handed to clients (set it behind a proxy)."
+    )
+    models: Literal["real", "tiny"] = "real"
+    model_overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description='JSON, e.g. {"flux-kontext-dev": {"source": "/models/kontext", "steps": 24}}.',
+    )
+    device: str = Field("auto", description="auto | cuda | cuda:N | cpu")
+    sync_wait_seconds: float = Field(
+        30.0, ge=0, description="How long a request waits for its job before answering processing."
+    )
+    nsfw_threshold: float = Field(0.5, ge=0, le=1, description="NSFW score at or above which an image is blanked.")
+    max_init_image_bytes: int = 20 * 1024 * 1024
+    init_image_timeout_seconds: float = 20.0
+    max_job_attempts: int = Field(3, ge=1, description="Tries per job before it is marked failed.")
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _strip_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else value
+
+    @property
+    def base_url(self) -> str:
+        return self.public_base_url or f"http://{self.host}:{self.port}"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'fluxserve.db').resolve()}"
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.data_dir / "outputs"
+
+    @property
+    def inputs_dir(self) -> Path:
+        return self.data_dir / "inputs"
+
+    @property
+    def tiny_models_dir(self) -> Path:
+        return self.data_dir / "tiny-models"

@@ -1,0 +1,104 @@
+"""Loading diffusers pipelines lazily, once, on the right device and dtype, with errors a
+user can act on instead of tracebacks."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import torch
+
+from fluxserve.models import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """A model that could not be loaded; the message says why and what to do."""
+
+
+def pick_device(setting: str = "auto") -> str:
+    if setting != "auto":
+        return setting
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(device: str) -> torch.dtype:
+    """bf16 on CUDA (what FLUX is trained and served in); fp32 on CPU, where bf16 is slow."""
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def explain_load_failure(spec: ModelSpec, exc: BaseException) -> str:
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    where = f"Model {spec.name} could not be loaded from {spec.source}"
+    hint = (
+        "download the weights to a folder and point FLUXSERVE_MODEL_OVERRIDES "
+        f'(e.g. {{"{spec.name}": {{"source": "/path/to/folder"}}}}) at it, or serve --models tiny'
+    )
+    if isinstance(exc, GatedRepoError):
+        return f"{where}: the repository is gated; accept its licence on the hub and set HF_TOKEN, or {hint}"
+    if isinstance(exc, RepositoryNotFoundError):
+        return f"{where}: no such repository on the hub; {hint}"
+    if isinstance(exc, (LocalEntryNotFoundError, OSError, EnvironmentError)):
+        return f"{where}: the weights are not available locally and the hub could not provide them; {hint}"
+    return f"{where}: {type(exc).__name__}: {exc}"
+
+
+class PipelineCache:
+    """One loaded pipeline per (class, weights source); variants share weights via from_pipe."""
+
+    def __init__(self, device: str, dtype: torch.dtype):
+        self.device = device
+        self.dtype = dtype
+        self._pipelines: dict[tuple[str, str], Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, spec: ModelSpec, variant: str | None = None) -> Any:
+        """The pipeline for ``spec``; with ``variant`` (a diffusers class name), that class built
+        over the same loaded components (e.g. the inpaint pipeline for strength < 1)."""
+        with self._lock:
+            base = self._load(spec)
+            if variant is None or variant == spec.pipeline:
+                return base
+            cache_key = (variant, spec.source)
+            if cache_key not in self._pipelines:
+                import diffusers
+
+                derived = getattr(diffusers, variant).from_pipe(base)
+                derived.set_progress_bar_config(disable=True)
+                self._pipelines[cache_key] = derived
+            return self._pipelines[cache_key]
+
+    def _load(self, spec: ModelSpec) -> Any:
+        cache_key = (spec.pipeline, spec.source)
+        if cache_key in self._pipelines:
+            return self._pipelines[cache_key]
+        import diffusers
+
+        pipeline_class = getattr(diffusers, spec.pipeline, None)
+        if pipeline_class is None:
+            raise ModelLoadError(f"Model {spec.name}: diffusers has no pipeline class {spec.pipeline}")
+        started = time.perf_counter()
+        try:
+            pipeline = pipeline_class.from_pretrained(spec.source, dtype=self.dtype)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an actionable message
+            log.warning("loading %s failed: %r", spec.name, exc)
+            raise ModelLoadError(explain_load_failure(spec, exc)) from exc
+        pipeline.to(self.device)
+        pipeline.set_progress_bar_config(disable=True)
+        log.info("loaded %s (%s) from %s in %.1fs", spec.name, spec.pipeline, spec.source, time.perf_counter() - started)
+        self._pipelines[cache_key] = pipeline
+        return pipeline
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return [f"{cls}:{source}" for cls, source in self._pipelines]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._pipelines.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,530 @@
+"""Tiny random-weight FLUX pipelines, built fully offline.
+
+The service loads its real pipelines with ``<PipelineClass>.from_pretrained(folder)``.  For
+tests, CI and local development we want that exact code path without downloading tens of
+gigabytes from the Hugging Face hub, so this module builds miniature versions of every
+pipeline family the service serves:
+
+=============  ========================  =============================================
+name           pipeline class            components
+=============  ========================  =============================================
+flux2-klein    ``Flux2KleinPipeline``    Qwen3 text encoder + Qwen2 BPE tokenizer,
+                                         ``Flux2Transformer2DModel``, ``AutoencoderKLFlux2``
+flux1-dev      ``FluxImg2ImgPipeline``   CLIP + T5 text encoders and tokenizers,
+                                         ``FluxTransformer2DModel``, ``AutoencoderKL``
+flux-kontext   ``FluxKontextPipeline``   same classes as flux1-dev, different weights
+=============  ========================  =============================================
+
+Every component has the same class and the same *structure* as the real model (same
+latent channels, same VAE scale factor of 8, same text-encoder hidden layers read by the
+pipeline, same scheduler config) but is only a few kilobytes to a few hundred kilobytes of
+random weights.  Tokenizers are trained on a few lines of in-code text with the
+``tokenizers`` library.  Nothing is downloaded.
+
+Each pipeline is ``save_pretrained`` into ``root/<name>`` so that the production loader can
+be pointed at that folder.  Builds are
+
+* deterministic: each component's weights come from a fixed torch seed, so two builds give
+  byte-identical ``*.safetensors`` files;
+* idempotent: a folder holding the completion marker (written last) is reused untouched;
+* atomic: each pipeline is built in a temporary sibling folder and ``os.rename``-d into place,
+  so a crash never leaves a half-built folder that looks complete.
+
+The images these pipelines produce are noise: they exist to exercise shapes, dtypes, argument
+plumbing, seeding and the job machinery, not image quality.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+__all__ = ["TINY_MODEL_DIRS", "MARKER_NAME", "TINY_BUILD_VERSION", "build_tiny_models"]
+
+#: Folder name under the build root -> diffusers pipeline class stored in that folder.
+TINY_MODEL_DIRS = {
+    "flux2-klein": "Flux2KleinPipeline",
+    "flux1-dev": "FluxImg2ImgPipeline",
+    "flux-kontext": "FluxKontextPipeline",
+}
+
+#: File written last into a finished build; its content must equal TINY_BUILD_VERSION.
+MARKER_NAME = ".fluxserve-tiny-complete"
+#: Bump whenever the builders change, so stale builds are rebuilt.
+TINY_BUILD_VERSION = "fluxserve-tiny-v1"
+
+#: Base torch seed per pipeline (Kontext differs from FLUX.1: they are different models).
+_PIPELINE_SEEDS = {"flux2-klein": 1000, "flux1-dev": 2000, "flux-kontext": 3000}
+
+# In-code corpus for training the tiny tokenizers.
+_CORPUS = [
+    "a photo of a cat sitting on a red chair",
+    "a painting of a squirrel eating a burger",
+    "a small cactus with a happy face in the Sahara desert",
+    "an astronaut riding a horse on the moon, highly detailed, 4k",
+    "make the sky purple and add a rainbow over the mountains",
+    "portrait of an old man with a white beard, studio lighting",
+    "a dog is dancing in the rain; the street is wet and shiny",
+    "A cozy cabin in a snowy forest at night, warm light in the windows.",
+    "Turn this image into a watercolor sketch. Keep the composition!",
+    "0123456789 ?!.,:;'\"()[]{}<>-_+=*/\\|@#$%^&~`",
+]
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Run a block with torch's global CPU RNG seeded, restoring the caller's RNG state after."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _flow_match_scheduler() -> Any:
+    """The FlowMatchEulerDiscreteScheduler config shipped with FLUX.1 dev/Kontext and FLUX.2 klein.
+
+    Both pipeline families pass a resolution-dependent ``mu`` to ``set_timesteps``, which
+    requires ``use_dynamic_shifting=True``.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        time_shift_type="exponential",
+    )
+
+
+# --------------------------------------------------------------------------------------
+# tokenizers
+# --------------------------------------------------------------------------------------
+
+_QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+# Qwen3-style chat template: the klein pipeline calls
+# apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False).
+_QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def build_qwen_tokenizer() -> Any:
+    """A tiny byte-level BPE tokenizer with Qwen's special tokens and a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        min_frequency=2,
+        special_tokens=_QWEN_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_CORPUS, trainer=trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tokenizer = Qwen2Tokenizer(
+        vocab=dict(model["vocab"]),
+        merges=merges,
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=_QWEN_SPECIAL_TOKENS[1:],
+        model_max_length=40960,
+        padding_side="right",
+    )
+    tokenizer.chat_template = _QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_clip_tokenizer() -> Any:
+    """A character-level CLIP tokenizer (byte-level alphabet, no merges)."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = specials + alphabet + [ch + "</w>" for ch in alphabet]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=[],
+        unk_token="<|endoftext|>",
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        model_max_length=77,
+    )
+
+
+def build_t5_tokenizer() -> Any:
+    """A T5 tokenizer from a tiny Unigram model trained on the in-code corpus."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import T5Tokenizer
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    unigram = Tokenizer(models.Unigram())
+    unigram.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+    )
+    trainer = trainers.UnigramTrainer(
+        vocab_size=300,
+        special_tokens=specials,
+        unk_token="<unk>",
+        show_progress=False,
+    )
+    unigram.train_from_iterator(_CORPUS, trainer=trainer)
+    # The trainer's scores vary in the last bits from run to run (hash-map summation order), so
+    # round them, then sort for determinism: best score first, ties broken by the piece itself.
+    pieces = [
+        (p, round(float(s), 6)) for p, s in json.loads(unigram.to_str())["model"]["vocab"] if p not in specials
+    ]
+    pieces.sort(key=lambda ps: (-ps[1], ps[0]))
+    vocab = [(tok, 0.0) for tok in specials] + pieces
+    return T5Tokenizer(vocab=vocab, extra_ids=8, model_max_length=512)
+
+
+# --------------------------------------------------------------------------------------
+# text encoders
+# --------------------------------------------------------------------------------------
+
+
+def build_qwen3_text_encoder(vocab_size: int, seed: int) -> Any:
+    """Tiny ``Qwen3ForCausalLM``: 28 layers so the pipeline's hidden layers (9, 18, 27) exist."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=28,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
+    with _seeded(seed):
+        return Qwen3ForCausalLM(config).eval()
+
+
+def build_clip_text_encoder(tokenizer: Any, seed: int) -> Any:
+    """Tiny ``CLIPTextModel``; the pipeline uses its pooled output (hidden_size wide)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        projection_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with _seeded(seed):
+        return CLIPTextModel(config).eval()
+
+
+def build_t5_text_encoder(tokenizer: Any, seed: int) -> Any:
+    """Tiny T5 v1.1-style ``T5EncoderModel`` (gated-gelu), as FLUX.1 uses T5-XXL's encoder."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    with _seeded(seed):
+        return T5EncoderModel(config).eval()
+
+
+# --------------------------------------------------------------------------------------
+# transformers (denoisers)
+# --------------------------------------------------------------------------------------
+
+
+def build_flux2_transformer(latent_channels: int, text_hidden_size: int, seed: int) -> Any:
+    """Tiny ``Flux2Transformer2DModel`` (klein: no guidance embedding, 2x2-patchified latents)."""
+    from diffusers import Flux2Transformer2DModel
+
+    with _seeded(seed):
+        return Flux2Transformer2DModel(
+            patch_size=1,
+            in_channels=latent_channels * 4,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=3 * text_hidden_size,  # three stacked Qwen3 hidden layers
+            timestep_guidance_channels=32,
+            mlp_ratio=3.0,
+            axes_dims_rope=(4, 4, 4, 4),
+            rope_theta=2000,
+            guidance_embeds=False,
+        ).eval()
+
+
+def build_flux1_transformer(latent_channels: int, t5_dim: int, clip_dim: int, seed: int) -> Any:
+    """Tiny ``FluxTransformer2DModel`` (FLUX.1 dev / Kontext: guidance-distilled)."""
+    from diffusers import FluxTransformer2DModel
+
+    with _seeded(seed):
+        return FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=latent_channels * 4,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=t5_dim,
+            pooled_projection_dim=clip_dim,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 4, 8),
+        ).eval()
+
+
+# --------------------------------------------------------------------------------------
+# VAEs
+# --------------------------------------------------------------------------------------
+
+# Four blocks -> 2**3 = 8x spatial downscaling, as in the real VAEs.
+_VAE_BLOCKS = (8, 8, 8, 8)
+
+
+def build_flux2_vae(seed: int) -> Any:
+    """Tiny ``AutoencoderKLFlux2`` with 32 latent channels and scale factor 8."""
+    from diffusers import AutoencoderKLFlux2
+
+    with _seeded(seed):
+        return AutoencoderKLFlux2(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * len(_VAE_BLOCKS),
+            up_block_types=("UpDecoderBlock2D",) * len(_VAE_BLOCKS),
+            block_out_channels=_VAE_BLOCKS,
+            layers_per_block=1,
+            latent_channels=32,
+            norm_num_groups=4,
+            sample_size=256,
+        ).eval()
+
+
+def build_flux1_vae(seed: int) -> Any:
+    """Tiny ``AutoencoderKL`` with 16 latent channels, scale factor 8 and FLUX.1's shift/scale."""
+    from diffusers import AutoencoderKL
+
+    with _seeded(seed):
+        return AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * len(_VAE_BLOCKS),
+            up_block_types=("UpDecoderBlock2D",) * len(_VAE_BLOCKS),
+            block_out_channels=_VAE_BLOCKS,
+            layers_per_block=1,
+            latent_channels=16,
+            norm_num_groups=4,
+            sample_size=256,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            shift_factor=0.1159,
+            scaling_factor=0.3611,
+        ).eval()
+
+
+# --------------------------------------------------------------------------------------
+# pipelines
+# --------------------------------------------------------------------------------------
+
+
+def build_flux2_klein_pipeline(seed: int) -> Any:
+    """Tiny ``Flux2KleinPipeline`` (step-distilled like klein-4B)."""
+    from diffusers import Flux2KleinPipeline
+
+    tokenizer = build_qwen_tokenizer()
+    text_encoder = build_qwen3_text_encoder(len(tokenizer), seed + 1)
+    vae = build_flux2_vae(seed + 2)
+    transformer = build_flux2_transformer(
+        vae.config.latent_channels, text_encoder.config.hidden_size, seed + 3
+    )
+    return Flux2KleinPipeline(
+        scheduler=_flow_match_scheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=True,
+    )
+
+
+def _flux1_components(seed: int) -> dict[str, Any]:
+    """Components shared by the FLUX.1 img2img and Kontext pipelines."""
+    tokenizer = build_clip_tokenizer()
+    tokenizer_2 = build_t5_tokenizer()
+    text_encoder = build_clip_text_encoder(tokenizer, seed + 1)
+    text_encoder_2 = build_t5_text_encoder(tokenizer_2, seed + 2)
+    vae = build_flux1_vae(seed + 3)
+    transformer = build_flux1_transformer(
+        vae.config.latent_channels, text_encoder_2.config.d_model, text_encoder.config.hidden_size, seed + 4
+    )
+    return {
+        "scheduler": _flow_match_scheduler(),
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": tokenizer_2,
+        "transformer": transformer,
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+def build_flux1_img2img_pipeline(seed: int) -> Any:
+    """Tiny ``FluxImg2ImgPipeline`` standing in for FLUX.1 dev."""
+    from diffusers import FluxImg2ImgPipeline
+
+    return FluxImg2ImgPipeline(**_flux1_components(seed))
+
+
+def build_flux_kontext_pipeline(seed: int) -> Any:
+    """Tiny ``FluxKontextPipeline`` standing in for FLUX.1 Kontext dev."""
+    from diffusers import FluxKontextPipeline
+
+    return FluxKontextPipeline(**_flux1_components(seed))
+
+
+_BUILDERS: dict[str, Callable[[int], Any]] = {
+    "flux2-klein": build_flux2_klein_pipeline,
+    "flux1-dev": build_flux1_img2img_pipeline,
+    "flux-kontext": build_flux_kontext_pipeline,
+}
+
+# --------------------------------------------------------------------------------------
+# on-disk build
+# --------------------------------------------------------------------------------------
+
+
+def _is_complete(folder: pathlib.Path) -> bool:
+    marker = folder / MARKER_NAME
+    try:
+        return marker.read_text(encoding="utf-8").strip() == TINY_BUILD_VERSION
+    except OSError:
+        return False
+
+
+def _remove_stale(target: pathlib.Path) -> None:
+    """Move an incomplete folder aside (atomically), then delete it."""
+    trash = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
+    moved = trash / target.name
+    try:
+        os.rename(target, moved)
+        if _is_complete(moved):
+            # A concurrent builder finished between our check and the move: put it back.
+            with contextlib.suppress(OSError):
+                os.rename(moved, target)
+    except FileNotFoundError:
+        pass  # someone else already removed it
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _quiet_saving() -> Iterator[None]:
+    """Silence transformers' "Writing model shards" progress bars while saving."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _build_one(name: str, target: pathlib.Path) -> None:
+    """Build pipeline ``name`` into a temporary sibling of ``target`` and rename it into place."""
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
+    try:
+        pipeline = _BUILDERS[name](_PIPELINE_SEEDS[name])
+        with _quiet_saving():
+            pipeline.save_pretrained(tmp, safe_serialization=True)
+        (tmp / MARKER_NAME).write_text(TINY_BUILD_VERSION + "\n", encoding="utf-8")
+        for _ in range(2):
+            if _is_complete(target):
+                return  # a concurrent builder won the race: discard our copy
+            if target.exists():
+                _remove_stale(target)
+            try:
+                os.rename(tmp, target)
+                return
+            except OSError:
+                continue  # target reappeared between the check and the rename; re-check
+        if not _is_complete(target):
+            raise RuntimeError(f"could not move tiny pipeline build into {target}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_tiny_models(root: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Build (once) every tiny pipeline under root/<name>; return {name: folder}.
+
+    Idempotent: a folder whose completion marker (``.fluxserve-tiny-complete``, written last,
+    holding ``TINY_BUILD_VERSION``) is present is reused untouched; any other folder at that path
+    is replaced.  Atomic: each pipeline is built in a temporary sibling folder and renamed into
+    place, so a crash never leaves a half-built folder that looks complete, and a concurrent
+    builder that loses the rename race discards its copy.  Deterministic: every component's
+    random weights come from a fixed torch seed, so two builds in different folders give
+    byte-identical safetensors files.
+
+    Load a folder with ``getattr(diffusers, TINY_MODEL_DIRS[name]).from_pretrained(folder)``.
+    """
+    root = pathlib.Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    folders: dict[str, pathlib.Path] = {}
+    for name in TINY_MODEL_DIRS:
+        target = root / name
+        if not _is_complete(target):
+            _build_one(name, target)
+        folders[name] = target
+    return folders

@@ -1,0 +1,56 @@
+"""API keys: random tokens, stored only as SHA-256 digests (the tokens carry 256 bits of
+entropy, so a fast digest is safe), looked up by digest and compared in constant time."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from fluxserve.jobs.tables import ApiKey, utcnow
+
+KEY_PREFIX = "fs_"
+
+
+def hash_key(plaintext: str) -> str:
+    return hashlib.sha256(plaintext.encode("utf-8")).hexdigest()
+
+
+class KeyStore:
+    def __init__(self, sessions: sessionmaker[Session]):
+        self._sessions = sessions
+
+    def create(self, name: str, *, admin: bool = False) -> tuple[ApiKey, str]:
+        """Return the new row and the plaintext key (shown once, never stored)."""
+        plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
+        row = ApiKey(name=name, key_hash=hash_key(plaintext), prefix=plaintext[:10], is_admin=admin)
+        with self._sessions.begin() as session:
+            session.add(row)
+        return row, plaintext
+
+    def authenticate(self, plaintext: str | None) -> ApiKey | None:
+        if not plaintext or not isinstance(plaintext, str):
+            return None
+        digest = hash_key(plaintext)
+        with self._sessions() as session:
+            row = session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
+        if row is None or row.revoked_at is not None:
+            return None
+        return row if hmac.compare_digest(row.key_hash, digest) else None
+
+    def list(self) -> list[ApiKey]:
+        with self._sessions() as session:
+            return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))
+
+    def revoke(self, ident: str) -> ApiKey | None:
+        """Revoke by numeric id or by the listed prefix; None if nothing matched."""
+        with self._sessions.begin() as session:
+            query = select(ApiKey)
+            query = query.where(ApiKey.id == int(ident)) if ident.isdigit() else query.where(ApiKey.prefix == ident)
+            row = session.scalar(query)
+            if row is not None and row.revoked_at is None:
+                row.revoked_at = utcnow()
+        return row

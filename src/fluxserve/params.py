@@ -1,0 +1,65 @@
+"""Internal generation parameters: what the API hands to the job store and the worker.
+Never an HTTP model; the request bodies in ``api.schemas`` translate themselves into these."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SEED_MAX = 2**32 - 1
+
+
+@dataclass
+class GenerationRequest:
+    """A validated request, before seeds are drawn and init images fetched."""
+
+    server: str  # API family that took it (names the fetch URL): flux_klein, realtime, flux, v6, ...
+    model: str  # registry name
+    task: str  # text2img | img2img
+    prompt: str
+    negative_prompt: str | None = None
+    width: int = 512
+    height: int = 512
+    samples: int = 1
+    seed: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    strength: float | None = None
+    true_cfg_scale: float | None = None
+    init_images: list[str] = field(default_factory=list)  # URLs as sent; all used as references
+    init_image_2: str | None = None  # Kontext's second reference
+    safety_checker: bool = True
+    base64: bool = False
+    instant_response: bool = False
+    temp: bool = False
+    enhance_prompt: bool | None = None
+    track_id: str | None = None
+
+
+@dataclass
+class JobParams:
+    """Everything the worker needs, fully resolved (seeds drawn, defaults filled, inputs stored),
+    so a retried job produces exactly the same images."""
+
+    model: str
+    task: str
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    seeds: list[int]
+    steps: int
+    guidance: float
+    strength: float | None
+    true_cfg_scale: float
+    inputs: list[str]  # stored init image files (references, in order)
+    input_2: str | None  # Kontext's second reference image file
+    safety_checker: bool
+    base64: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "JobParams":
+        return cls(**data)

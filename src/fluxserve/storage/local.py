@@ -1,0 +1,50 @@
+"""Output files on local disk, served over HTTP by the API under ``/outputs/``."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")
+
+
+class LocalStorage:
+    route = "/outputs"
+
+    def __init__(self, root: Path, base_url: str):
+        self.root = Path(root)
+        self.base_url = base_url.rstrip("/")
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def url_for(self, name: str) -> str:
+        return f"{self.base_url}{self.route}/{name}"
+
+    def path_for(self, name: str) -> Path | None:
+        """The file for a public name, or None if the name is not one we could have made."""
+        if not _SAFE_NAME.match(name) or ".." in name:
+            return None
+        return self.root / name
+
+    def save(self, name: str, data: bytes) -> None:
+        """Write atomically: a reader never sees half a file, a crash leaves no partial one."""
+        target = self.path_for(name)
+        if target is None:
+            raise ValueError(f"unsafe output name {name!r}")
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def read(self, name: str) -> bytes:
+        path = self.path_for(name)
+        if path is None:
+            raise FileNotFoundError(name)
+        return path.read_bytes()
