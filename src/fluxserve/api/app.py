@@ -13,6 +13,7 @@ from fluxserve import __version__
 from fluxserve.api.deps import Services
 from fluxserve.api.errors import install_error_handlers
 from fluxserve.api.generation import GenerationService
+from fluxserve.api.json_bodies import JsonBodiesMiddleware
 from fluxserve.api.routes import enterprise, files, v6
 from fluxserve.config import Settings
 from fluxserve.events import JobEvents
@@ -61,6 +62,7 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(JsonBodiesMiddleware)
     for router in (enterprise, v6, files):
         app.include_router(router)
     return app

@@ -1,0 +1,116 @@
+"""The ``fluxserve`` command: serve, keys, models."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fluxserve.config import Settings
+
+app = typer.Typer(help="fluxserve: self-hosted image generation that speaks the ModelsLab API.", no_args_is_help=True)
+keys_app = typer.Typer(help="Manage API keys (stored hashed).", no_args_is_help=True)
+models_app = typer.Typer(help="Inspect the model registry and build the tiny offline models.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(models_app, name="models")
+
+DataDir = Annotated[Optional[Path], typer.Option(help="Data directory [env FLUXSERVE_DATA_DIR].")]
+DatabaseUrl = Annotated[Optional[str], typer.Option(help="SQLAlchemy URL [env FLUXSERVE_DATABASE_URL].")]
+
+
+def _settings(**overrides) -> Settings:
+    return Settings(**{name: value for name, value in overrides.items() if value is not None})
+
+
+def _key_store(data_dir: Path | None, database_url: str | None):
+    from fluxserve.jobs.database import open_database
+    from fluxserve.keys import KeyStore
+
+    settings = _settings(data_dir=data_dir, database_url=database_url)
+    return KeyStore(open_database(settings.resolved_database_url))
+
+
+@app.command()
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="Bind address [env FLUXSERVE_HOST].")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port [env FLUXSERVE_PORT].")] = None,
+    models: Annotated[Optional[str], typer.Option(help="real | tiny [env FLUXSERVE_MODELS].")] = None,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+    public_base_url: Annotated[Optional[str], typer.Option(help="Base of returned URLs [env FLUXSERVE_PUBLIC_BASE_URL].")] = None,
+    log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
+) -> None:
+    """Run the API server with its GPU worker (embedded default: SQLite + local disk)."""
+    import uvicorn
+
+    from fluxserve.runtime import build_server_app
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _settings(
+        host=host, port=port, models=models, data_dir=data_dir, database_url=database_url,
+        public_base_url=public_base_url,
+    )
+    uvicorn.run(build_server_app(settings), host=settings.host, port=settings.port, log_level=log_level)
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Argument(help="A label for the key, e.g. the team using it.")],
+    admin: Annotated[bool, typer.Option("--admin", help="Admin key (enterprise admin endpoints).")] = False,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Create a key and print it once (only its hash is stored)."""
+    row, plaintext = _key_store(data_dir, database_url).create(name, admin=admin)
+    typer.echo(plaintext)
+    typer.echo(f"created key {row.id} ({row.name}{', admin' if admin else ''}); it is shown only now", err=True)
+
+
+@keys_app.command("list")
+def keys_list(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
+    """List keys: id, prefix, name, role, state."""
+    for row in _key_store(data_dir, database_url).list():
+        state = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "active"
+        role = "admin" if row.is_admin else "user"
+        typer.echo(f"{row.id}\t{row.prefix}…\t{row.name}\t{role}\t{state}\tcreated {row.created_at:%Y-%m-%d %H:%M}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key: Annotated[str, typer.Argument(help="The key's id or listed prefix.")],
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Revoke a key: it stops working at once."""
+    row = _key_store(data_dir, database_url).revoke(key)
+    if row is None:
+        typer.echo(f"no key matches {key!r}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked key {row.id} ({row.name})")
+
+
+@models_app.command("list")
+def models_list(
+    models: Annotated[Optional[str], typer.Option(help="real | tiny")] = None, data_dir: DataDir = None
+) -> None:
+    """Show each model name with its pipeline, weights source and defaults."""
+    from fluxserve.runtime import build_registry
+
+    settings = _settings(models=models, data_dir=data_dir)
+    for spec in build_registry(settings, build_tiny=False).specs():
+        typer.echo(f"{spec.name}\t{spec.pipeline}\t{spec.source}\tsteps={spec.steps} guidance={spec.guidance} strength={spec.strength}")
+
+
+@models_app.command("build-tiny")
+def models_build_tiny(data_dir: DataDir = None) -> None:
+    """Build the tiny random-weight pipelines (offline, deterministic, once)."""
+    from fluxserve.engine.tiny import build_tiny_models
+
+    for name, path in build_tiny_models(_settings(data_dir=data_dir).tiny_models_dir).items():
+        typer.echo(f"{name}\t{path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
