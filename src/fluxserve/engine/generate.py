@@ -1,5 +1,5 @@
-"""Running one job's generation on its pipeline. Each image gets its own seeded CPU generator,
-so a seed reproduces its image bit for bit whatever the batch around it."""
+"""Running one job's generation on its pipeline. Each image gets its own seeded CPU generator
+(CPU so that a seed means the same noise on every device)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from fluxserve.params import JobParams
 MAX_REFERENCE_AREA = 1024 * 1024
 
 
-def _generators(seeds: list[int]) -> list[torch.Generator]:
-    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(seed)
 
 
 def _latent_size(value: int) -> int:
@@ -50,74 +50,55 @@ def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
 
 
 class Generator:
+    """One call per seed: batched kernels are not bit-stable across batch sizes (and FLUX.1
+    img2img draws its encode noise from the first generator only), so generating each image
+    alone is what makes every seed in ``meta.seeds`` reproduce its image on its own."""
+
     def __init__(self, pipelines: PipelineCache):
         self.pipelines = pipelines
 
     def run(
         self, spec: ModelSpec, params: JobParams, references: list[Image.Image], second: Image.Image | None = None
     ) -> list[Image.Image]:
-        width, height = _latent_size(params.width), _latent_size(params.height)
         if params.task == "img2img" and params.strength == 0:
             # strength 0 means "identical to the input": no denoising step would run
             same = references[0].resize((params.width, params.height), Image.LANCZOS)
             return [same.copy() for _ in params.seeds]
-        if spec.pipeline == "Flux2KleinPipeline":
-            images = self._klein(spec, params, references, width, height)
-        elif spec.pipeline == "FluxImg2ImgPipeline":
-            images = self._flux1_img2img(spec, params, references, width, height)
-        elif spec.pipeline == "FluxKontextPipeline":
-            images = self._kontext(spec, params, references, second, width, height)
-        else:
-            raise ValueError(f"no generation code for pipeline {spec.pipeline}")
-        return [_crop_to(image.convert("RGB"), params.width, params.height) for image in images]
+        call = self._call_for(spec, params, references, second)
+        return [_crop_to(call(_generator(seed)).images[0].convert("RGB"), params.width, params.height)
+                for seed in params.seeds]
 
-    def _klein(self, spec, params, references, width, height):
+    def _call_for(self, spec, params, references, second):
+        """A function of one generator that runs the right pipeline with everything else bound."""
+        width, height = _latent_size(params.width), _latent_size(params.height)
         common = dict(
             prompt=params.prompt, height=height, width=width, num_inference_steps=params.steps,
-            guidance_scale=params.guidance, num_images_per_prompt=len(params.seeds),
-            generator=_generators(params.seeds), output_type="pil",
+            guidance_scale=params.guidance, output_type="pil",
         )
-        if params.task == "text2img":
-            return self.pipelines.get(spec)(**common).images
-        references = [_fit_area(ref, MAX_REFERENCE_AREA) for ref in references]
-        if params.strength is None or params.strength >= 1:
-            return self.pipelines.get(spec)(image=references, **common).images
-        inpaint = self.pipelines.get(spec, "Flux2KleinInpaintPipeline")
-        start = references[0].resize((width, height), Image.LANCZOS)
-        return inpaint(
-            image=start, image_reference=references, mask_image=Image.new("L", (width, height), 255),
-            strength=params.strength, **common,
-        ).images
-
-    def _flux1_img2img(self, spec, params, references, width, height):
-        # FluxImg2ImgPipeline draws VAE-encode noise from generator[0] only, so a batch would
-        # not reproduce per-seed; one call per seed keeps every image reproducible on its own.
-        pipeline = self.pipelines.get(spec)
-        start = references[0].resize((width, height), Image.LANCZOS)
-        images = []
-        for generator in _generators(params.seeds):
-            images += pipeline(
-                prompt=params.prompt, negative_prompt=params.negative_prompt, true_cfg_scale=params.true_cfg_scale,
-                image=start, height=height, width=width, strength=params.strength,
-                num_inference_steps=params.steps, guidance_scale=params.guidance,
-                generator=generator, output_type="pil",
-            ).images
-        return images
-
-    def _kontext(self, spec, params, references, second, width, height):
-        reference = side_by_side(references[0], second) if second is not None else references[0]
-        reference = _fit_area(reference, MAX_REFERENCE_AREA)
-        common = dict(
-            prompt=params.prompt, negative_prompt=params.negative_prompt, true_cfg_scale=params.true_cfg_scale,
-            height=height, width=width, max_area=height * width, _auto_resize=False,
-            num_inference_steps=params.steps, guidance_scale=params.guidance,
-            num_images_per_prompt=len(params.seeds), generator=_generators(params.seeds), output_type="pil",
-        )
-        if params.strength is None or params.strength >= 1:
-            return self.pipelines.get(spec)(image=reference, **common).images
-        inpaint = self.pipelines.get(spec, "FluxKontextInpaintPipeline")
-        start = references[0].resize((width, height), Image.LANCZOS)
-        return inpaint(
-            image=start, image_reference=reference, mask_image=Image.new("L", (width, height), 255),
-            strength=params.strength, **common,
-        ).images
+        partial_denoise = params.task == "img2img" and params.strength is not None and params.strength < 1
+        blank_mask = Image.new("L", (width, height), 255)
+        if spec.pipeline == "Flux2KleinPipeline":
+            if params.task == "text2img":
+                return lambda g: self.pipelines.get(spec)(generator=g, **common)
+            references = [_fit_area(ref, MAX_REFERENCE_AREA) for ref in references]
+            if not partial_denoise:
+                return lambda g: self.pipelines.get(spec)(image=references, generator=g, **common)
+            start = references[0].resize((width, height), Image.LANCZOS)
+            inpaint = self.pipelines.get(spec, "Flux2KleinInpaintPipeline")
+            return lambda g: inpaint(image=start, image_reference=references, mask_image=blank_mask,
+                                     strength=params.strength, generator=g, **common)
+        flux1 = dict(common, negative_prompt=params.negative_prompt, true_cfg_scale=params.true_cfg_scale)
+        if spec.pipeline == "FluxImg2ImgPipeline":
+            start = references[0].resize((width, height), Image.LANCZOS)
+            return lambda g: self.pipelines.get(spec)(image=start, strength=params.strength, generator=g, **flux1)
+        if spec.pipeline == "FluxKontextPipeline":
+            reference = side_by_side(references[0], second) if second is not None else references[0]
+            reference = _fit_area(reference, MAX_REFERENCE_AREA)
+            kontext = dict(flux1, max_area=height * width, _auto_resize=False)
+            if not partial_denoise:
+                return lambda g: self.pipelines.get(spec)(image=reference, generator=g, **kontext)
+            start = references[0].resize((width, height), Image.LANCZOS)
+            inpaint = self.pipelines.get(spec, "FluxKontextInpaintPipeline")
+            return lambda g: inpaint(image=start, image_reference=reference, mask_image=blank_mask,
+                                     strength=params.strength, generator=g, **kontext)
+        raise ValueError(f"no generation code for pipeline {spec.pipeline}")

@@ -1,0 +1,50 @@
+"""Shared fixtures: the tiny pipelines (built once per run), a loopback server with init
+images, and a live fluxserve server on loopback serving the tiny models."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from fluxserve.engine.tiny import build_tiny_models
+from tests.support.servers import live_server, static_server
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-models")
+    build_tiny_models(root)
+    return root
+
+
+def make_test_image(width: int = 256, height: int = 256, seed: int = 0) -> Image.Image:
+    """A deterministic, textured RGB picture (not flat: the pipelines and the NSFW model see detail)."""
+    base = Image.effect_mandelbrot((width, height), (-2.0 + seed * 0.1, -1.5, 1.0, 1.5), 60).convert("RGB")
+    noise = Image.effect_noise((width, height), 40 + seed).convert("RGB")
+    return Image.blend(base, noise, 0.3)
+
+
+@pytest.fixture(scope="session")
+def image_host(tmp_path_factory):
+    """Base URL of a loopback HTTP server with init images: a.png, b.jpg, c.webp, wide.png, odd.png."""
+    folder = tmp_path_factory.mktemp("images")
+    make_test_image().save(folder / "a.png")
+    make_test_image(seed=3).save(folder / "b.jpg", quality=90)
+    make_test_image(seed=5).save(folder / "c.webp")
+    make_test_image(384, 256, seed=7).save(folder / "wide.png")
+    (folder / "not-an-image.png").write_bytes(b"this is text, not a picture")
+    with static_server(folder) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, tiny_root):
+    """The shared live server (default settings, tiny models)."""
+    with live_server(tmp_path_factory.mktemp("server"), tiny_root) as live:
+        yield live
+
+
+@pytest.fixture
+def client(server):
+    with server.client() as http:
+        yield http

@@ -1,0 +1,96 @@
+"""Real servers on loopback for tests: the fluxserve app under uvicorn in a thread, and a
+plain HTTP server holding init images."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from fluxserve.config import Settings
+from fluxserve.jobs.database import open_database
+from fluxserve.jobs.store import JobStore
+from fluxserve.keys import KeyStore
+from fluxserve.runtime import build_server_app
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    settings: Settings
+    base_url: str
+    key: str  # a user key
+    other_key: str  # a second user's key
+    jobs: JobStore
+    keys: KeyStore
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=120, **kwargs)
+
+    def job_count(self) -> int:
+        from sqlalchemy import func, select
+
+        from fluxserve.jobs.tables import Job
+
+        with self.jobs._sessions() as session:
+            return session.scalar(select(func.count()).select_from(Job))
+
+
+@contextmanager
+def live_server(data_dir: Path, tiny_root: Path, **overrides) -> LiveServer:
+    """Serve the tiny models from ``data_dir`` (reusing the tiny build at ``tiny_root``)."""
+    port = free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    link = data_dir / "tiny-models"
+    if not link.exists():
+        link.symlink_to(tiny_root, target_is_directory=True)
+    settings = Settings(data_dir=data_dir, port=port, models="tiny", **overrides)
+    sessions = open_database(settings.resolved_database_url)
+    keys = KeyStore(sessions)
+    server = uvicorn.Server(uvicorn.Config(build_server_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("test server did not start")
+        time.sleep(0.05)
+    try:
+        yield LiveServer(
+            settings=settings, base_url=f"http://127.0.0.1:{port}", key=keys.create("test")[1],
+            other_key=keys.create("other")[1], jobs=JobStore(sessions), keys=keys,
+        )
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextmanager
+def static_server(directory: Path) -> str:
+    handler = functools.partial(_QuietHandler, directory=str(directory))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
