@@ -3,6 +3,10 @@ images, and a live fluxserve server on loopback serving the tiny models."""
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub, even by accident
+
 import pytest
 from PIL import Image
 

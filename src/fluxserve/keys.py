@@ -49,7 +49,7 @@ class KeyStore:
         """Revoke by numeric id or by the listed prefix; None if nothing matched."""
         with self._sessions.begin() as session:
             query = select(ApiKey)
-            query = query.where(ApiKey.id == int(ident)) if ident.isdigit() else query.where(ApiKey.prefix == ident)
+            query = query.where(ApiKey.id == int(ident)) if ident.isascii() and ident.isdigit() else query.where(ApiKey.prefix == ident)
             row = session.scalar(query)
             if row is not None and row.revoked_at is None:
                 row.revoked_at = utcnow()

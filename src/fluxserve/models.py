@@ -72,6 +72,8 @@ class Registry:
         """Default registry, with per-model overrides applied; with ``tiny_root`` every
         source points at the offline tiny build instead of the hub."""
         specs = dict(DEFAULT_REGISTRY)
+        if tiny_root is not None:  # before overrides: an explicit source still wins in tiny mode
+            specs = {n: replace(s, source=str(tiny_root / s.tiny_dir)) for n, s in specs.items()}
         for name, fields in (overrides or {}).items():
             unknown = set(fields) - _OVERRIDABLE
             if unknown:
@@ -80,8 +82,6 @@ class Registry:
             if base is None:
                 raise ValueError(f"model_overrides names unknown model {name!r}")
             specs[name] = replace(base, **fields)
-        if tiny_root is not None:
-            specs = {n: replace(s, source=str(tiny_root / s.tiny_dir)) for n, s in specs.items()}
         return cls(specs)
 
     def get(self, name: str) -> ModelSpec:

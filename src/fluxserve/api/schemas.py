@@ -27,7 +27,7 @@ def _refuse(message: str) -> PydanticCustomError:
 
 def _check_range(name: str, value: float | None, low: float, high: float) -> None:
     if value is not None and not low <= value <= high:
-        raise _refuse(f"{name} must be between {low:g} and {high:g}")
+        raise _refuse(f"{name} must be between {low:.12g} and {high:.12g}")
 
 
 class GenerationBody(BaseModel):

@@ -44,7 +44,9 @@ def explain_load_failure(spec: ModelSpec, exc: BaseException) -> str:
         return f"{where}: no such repository on the hub; {hint}"
     if isinstance(exc, (LocalEntryNotFoundError, OSError, EnvironmentError)):
         return f"{where}: the weights are not available locally and the hub could not provide them; {hint}"
-    return f"{where}: {type(exc).__name__}: {exc}"
+    if "neither a valid local path nor a valid repo id" in str(exc):
+        return f"{where}: no such local folder, and it is not a hub id; {hint}"
+    return f"{where}: {type(exc).__name__}: {exc}; {hint}"
 
 
 class PipelineCache:

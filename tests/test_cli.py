@@ -1,0 +1,213 @@
+"""The ``fluxserve`` command: keys and models in-process through typer's CliRunner, and one run
+of the real installed console script serving requests and shutting down cleanly."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from fluxserve.cli import app
+from tests.support.servers import free_port
+
+MODEL_NAMES = ["flux", "flux-klein", "flux-kontext-dev", "realtime"]
+HUB_IDS = {
+    "flux-klein": "black-forest-labs/FLUX.2-klein-4B",
+    "realtime": "black-forest-labs/FLUX.2-klein-4B",
+    "flux": "black-forest-labs/FLUX.1-dev",
+    "flux-kontext-dev": "black-forest-labs/FLUX.1-Kontext-dev",
+}
+TINY_DIRS = {"flux-klein": "flux2-klein", "realtime": "flux2-klein", "flux": "flux1-dev", "flux-kontext-dev": "flux-kontext"}
+
+
+@pytest.fixture(autouse=True)
+def _no_fluxserve_env(monkeypatch):
+    """Settings read FLUXSERVE_* variables; the tests pass everything as flags."""
+    for name in list(os.environ):
+        if name.startswith("FLUXSERVE_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def cli(tmp_path):
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, [*args, "--data-dir", str(tmp_path)])
+
+    return invoke
+
+
+def listed_rows(cli) -> list[list[str]]:
+    result = cli("keys", "list")
+    assert result.exit_code == 0, result.output
+    return [line.split("\t") for line in result.stdout.splitlines() if line.strip()]
+
+
+# -- keys ------------------------------------------------------------------------------------------
+def test_keys_create_prints_only_the_key_on_stdout(cli):
+    result = cli("keys", "create", "team-a")
+    assert result.exit_code == 0, result.output
+    key = result.stdout.strip()
+    assert key.startswith("fs_") and len(key) > 30 and "\n" not in key
+    assert "team-a" in result.stderr and key not in result.stderr
+    second = cli("keys", "create", "team-a").stdout.strip()
+    assert second.startswith("fs_") and second != key
+
+
+def test_keys_list_shows_id_prefix_name_role_state_never_the_key(cli):
+    user_key = cli("keys", "create", "team-a").stdout.strip()
+    admin = cli("keys", "create", "ops", "--admin")
+    assert admin.exit_code == 0, admin.output
+    admin_key = admin.stdout.strip()
+    assert admin_key.startswith("fs_") and "admin" in admin.stderr
+
+    listing = cli("keys", "list").stdout
+    assert user_key not in listing and admin_key not in listing
+    rows = listed_rows(cli)
+    assert len(rows) == 2
+    (id_a, prefix_a, name_a, role_a, state_a, *_), (id_b, prefix_b, name_b, role_b, state_b, *_) = rows
+    assert id_a.isdigit() and id_b.isdigit() and int(id_a) < int(id_b)
+    assert (name_a, role_a, state_a) == ("team-a", "user", "active")
+    assert (name_b, role_b, state_b) == ("ops", "admin", "active")
+    assert user_key.startswith(prefix_a.rstrip("…")) and admin_key.startswith(prefix_b.rstrip("…"))
+    assert len(prefix_a.rstrip("…")) < len(user_key)
+
+
+def test_keys_revoke_by_id_and_by_prefix(cli):
+    cli("keys", "create", "first")
+    cli("keys", "create", "second")
+    cli("keys", "create", "third")
+    (id_1, *_), (_, prefix_2, *_), _ = listed_rows(cli)
+
+    by_id = cli("keys", "revoke", id_1)
+    assert by_id.exit_code == 0, by_id.output
+    assert "first" in by_id.stdout
+
+    by_prefix = cli("keys", "revoke", prefix_2.rstrip("…"))
+    assert by_prefix.exit_code == 0, by_prefix.output
+    assert "second" in by_prefix.stdout
+
+    states = {row[2]: row[4] for row in listed_rows(cli)}
+    assert states["first"].startswith("revoked") and states["second"].startswith("revoked")
+    assert states["third"] == "active"
+
+
+def test_keys_revoke_revoked_key_really_stops_working(cli, tmp_path):
+    from fluxserve.config import Settings
+    from fluxserve.jobs.database import open_database
+    from fluxserve.keys import KeyStore
+
+    key = cli("keys", "create", "gone").stdout.strip()
+    store = KeyStore(open_database(Settings(data_dir=tmp_path).resolved_database_url))
+    assert store.authenticate(key) is not None
+    assert cli("keys", "revoke", "1").exit_code == 0
+    assert store.authenticate(key) is None
+
+
+@pytest.mark.parametrize("ident", ["999", "fs_nothing"])
+def test_revoking_an_unknown_key_exits_1(cli, ident):
+    cli("keys", "create", "only")
+    result = cli("keys", "revoke", ident)
+    assert result.exit_code == 1
+    assert ident in result.stderr
+    assert listed_rows(cli)[0][4] == "active"
+
+
+# -- models ----------------------------------------------------------------------------------------
+def models_rows(result) -> dict[str, list[str]]:
+    assert result.exit_code == 0, result.output
+    rows = [line.split("\t") for line in result.stdout.splitlines() if line.strip()]
+    return {row[0]: row for row in rows}
+
+
+def test_models_list_shows_the_four_models_with_hub_ids(cli):
+    rows = models_rows(cli("models", "list"))
+    assert sorted(rows) == MODEL_NAMES
+    for name, row in rows.items():
+        assert row[2] == HUB_IDS[name]
+
+
+def test_models_list_tiny_points_at_the_tiny_folders_without_building(cli, tmp_path):
+    rows = models_rows(cli("models", "list", "--models", "tiny"))
+    assert sorted(rows) == MODEL_NAMES
+    for name, row in rows.items():
+        assert Path(row[2]) == tmp_path / "tiny-models" / TINY_DIRS[name]
+    assert not (tmp_path / "tiny-models").exists()  # listing builds nothing
+
+
+# -- the real command --------------------------------------------------------------------------------
+def test_fluxserve_serve_subprocess_end_to_end(tmp_path, tiny_root):
+    command = Path(sys.executable).parent / "fluxserve"
+    assert command.exists(), command
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "tiny-models").symlink_to(tiny_root, target_is_directory=True)
+    env = {name: value for name, value in os.environ.items() if not name.startswith("FLUXSERVE_")}
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "server.log"
+
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [str(command), "serve", "--models", "tiny", "--port", str(port), "--data-dir", str(data_dir),
+             "--log-level", "info"],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"server did not answer /health within 90 s:\n{log_path.read_text()}")
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+
+        created = subprocess.run(
+            [str(command), "keys", "create", "e2e", "--data-dir", str(data_dir)],
+            capture_output=True, text=True, env=env, timeout=60,
+        )
+        assert created.returncode == 0, created.stderr
+        key = created.stdout.strip()
+        assert key.startswith("fs_")
+
+        body = {"key": key, "prompt": "a cat", "width": 256, "height": 256, "num_inference_steps": 2, "seed": 1}
+        response = httpx.post(f"{base}/api/v1/enterprise/flux_klein/text2img", json=body, timeout=60)
+        assert response.status_code == 200, (response.text, log_path.read_text())
+        result = response.json()
+        assert result["status"] == "success", result
+        assert result["output"][0].startswith(base + "/")
+        picture = httpx.get(result["output"][0], timeout=30)
+        assert picture.status_code == 200
+        image = Image.open(io.BytesIO(picture.content))
+        assert image.format == "PNG" and image.size == (256, 256)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            returncode = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"server did not stop within 30 s of SIGTERM:\n{log_path.read_text()}")
+    log_text = log_path.read_text()
+    # A graceful stop: the lifespan shutdown (which stops the GPU worker) ran to completion.
+    # uvicorn (>= 0.29) re-raises the captured SIGTERM after its graceful shutdown so that the
+    # parent sees the signal, hence -SIGTERM rather than 0.
+    assert returncode in (0, -signal.SIGTERM), log_text
+    assert "Application shutdown complete" in log_text and "Finished server process" in log_text, log_text
+    assert "Traceback" not in log_text and " ERROR " not in log_text, log_text
