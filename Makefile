@@ -1,0 +1,36 @@
+# The two commands: `make serve` (set up and run the server) and `make test` (set up and run the tests).
+# torch is installed first, pinned, so that pip never pulls a different (multi-GB CUDA) build.
+VENV   ?= .venv
+PYTHON ?= python3
+TORCH  ?= torch==2.13.0
+MODELS ?= real
+PORT   ?= 8000
+BIN     = $(VENV)/bin
+
+.PHONY: serve test setup setup-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[postgres]"
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+setup-test: $(VENV)/.installed-test
+
+serve: setup
+	$(BIN)/fluxserve serve --models $(MODELS) --port $(PORT)
+
+test: setup-test
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache
