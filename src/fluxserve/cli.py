@@ -52,7 +52,10 @@ def serve(
         host=host, port=port, models=models, data_dir=data_dir, database_url=database_url,
         public_base_url=public_base_url,
     )
-    uvicorn.run(build_server_app(settings), host=settings.host, port=settings.port, log_level=log_level)
+    app_ = build_server_app(settings)
+    if not _key_store(settings.data_dir, settings.database_url).list():
+        logging.getLogger("fluxserve").warning("no API keys yet: create one with `fluxserve keys create NAME`")
+    uvicorn.run(app_, host=settings.host, port=settings.port, log_level=log_level)
 
 
 @keys_app.command("create")
