@@ -77,3 +77,17 @@ def test_ids_increase_and_are_never_reused_across_restart(tmp_path, tiny_root):
                 ids.append(client.post(KLEIN, json=body).json()["id"])
             _wait_success(client, f"/api/v6/images/fetch/{ids[-1]}", live.key)
     assert ids == sorted(ids) and len(set(ids)) == 4
+
+
+def test_public_base_url_is_used_for_every_returned_url(tmp_path, tiny_root):
+    public = "https://images.example.test/gen"
+    with live_server(tmp_path, tiny_root, public_base_url=public + "/", sync_wait_seconds=0) as live:
+        with live.client() as client:
+            body = {"key": live.key, "prompt": "x", "width": 256, "height": 256, "num_inference_steps": 1}
+            queued = client.post(KLEIN, json=body).json()
+            assert queued["fetch_result"] == f"{public}/api/v1/enterprise/flux_klein/fetch/{queued['id']}"
+            assert all(link.startswith(f"{public}/outputs/") for link in queued["future_links"])
+            done = _wait_success(client, f"/api/v1/enterprise/flux_klein/fetch/{queued['id']}", live.key)
+            assert done["output"] == queued["future_links"]
+            local = done["output"][0].replace(public, "")  # the proxy forwards this path to us
+            assert client.get(local).status_code == 200
