@@ -33,6 +33,16 @@ class Settings(BaseSettings):
     max_init_image_bytes: int = 20 * 1024 * 1024
     init_image_timeout_seconds: float = 20.0
     max_job_attempts: int = Field(3, ge=1, description="Tries per job before it is marked failed.")
+    worker: Literal["process", "thread"] = Field(
+        "process", description="process: the GPU worker runs in a child process the server restarts if it dies."
+    )
+    lease_seconds: float = Field(15.0, gt=0, description="A running job whose worker is silent this long is retried.")
+    heartbeat_seconds: float = Field(2.0, gt=0, description="How often a worker confirms it is alive.")
+    max_queued_per_key: int = Field(10, ge=1, description="Queued jobs per key before new ones get 429.")
+    retention_seconds: float = Field(86400.0, gt=0, description="Local images are deleted this long after they are made.")
+    janitor_interval_seconds: float = Field(60.0, gt=0, description="How often expired files are looked for.")
+    webhook_retry_seconds: float = Field(86400.0, gt=0, description="How long a failing webhook is retried.")
+    webhook_timeout_seconds: float = Field(10.0, gt=0, description="Connect/read timeout of one webhook POST.")
 
     @field_validator("public_base_url")
     @classmethod

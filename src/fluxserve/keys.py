@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from fluxserve.jobs.tables import ApiKey, utcnow
 
 KEY_PREFIX = "fs_"
+WEBHOOK_SECRET_PREFIX = "whsec_"
 
 
 def hash_key(plaintext: str) -> str:
@@ -26,7 +27,10 @@ class KeyStore:
     def create(self, name: str, *, admin: bool = False) -> tuple[ApiKey, str]:
         """Return the new row and the plaintext key (shown once, never stored)."""
         plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
-        row = ApiKey(name=name, key_hash=hash_key(plaintext), prefix=plaintext[:10], is_admin=admin)
+        row = ApiKey(
+            name=name, key_hash=hash_key(plaintext), prefix=plaintext[:10], is_admin=admin,
+            webhook_secret=WEBHOOK_SECRET_PREFIX + secrets.token_urlsafe(32),
+        )
         with self._sessions.begin() as session:
             session.add(row)
         return row, plaintext
@@ -40,6 +44,18 @@ class KeyStore:
         if row is None or row.revoked_at is not None:
             return None
         return row if hmac.compare_digest(row.key_hash, digest) else None
+
+    def get(self, key_id: int) -> ApiKey | None:
+        with self._sessions() as session:
+            return session.get(ApiKey, key_id)
+
+    def webhook_secret(self, key_id: int) -> str:
+        """The key's webhook signing secret (created for keys made before webhooks existed)."""
+        with self._sessions.begin() as session:
+            row = session.get(ApiKey, key_id)
+            if row.webhook_secret is None:
+                row.webhook_secret = WEBHOOK_SECRET_PREFIX + secrets.token_urlsafe(32)
+            return row.webhook_secret
 
     def list(self) -> list[ApiKey]:
         with self._sessions() as session:

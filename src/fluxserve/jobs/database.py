@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -33,4 +33,26 @@ def open_database(url: str) -> sessionmaker[Session]:
             parsed = parsed.set(drivername="postgresql+psycopg")
         engine = create_engine(parsed, pool_pre_ping=True)
     Base.metadata.create_all(engine)
+    upgrade_schema(engine)
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def upgrade_schema(engine: Engine) -> list[str]:
+    """Add columns that newer versions define to tables an older version created. New columns
+    are always nullable or carry a server default, so existing rows stay valid."""
+    added = []
+    existing_tables = set(inspect(engine).get_table_names())
+    with engine.begin() as connection:
+        for table in Base.metadata.sorted_tables:
+            if table.name not in existing_tables:
+                continue
+            present = {column["name"] for column in inspect(connection).get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                ddl = f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column.type.compile(engine.dialect)}"
+                if column.server_default is not None:
+                    ddl += f" DEFAULT {column.server_default.arg.text}"
+                connection.exec_driver_sql(ddl)
+                added.append(f"{table.name}.{column.name}")
+    return added

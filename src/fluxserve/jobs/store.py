@@ -1,40 +1,45 @@
 """The job store: the source of truth for every request.
 
-Each state change is one short transaction guarded by the state it expects, so a job is
-claimed by one worker and finished exactly once even with several workers or a restart.
+Every state change is one short transaction guarded by the state it expects (and, for a
+running job, by the claim token of the attempt that runs it), so a job is claimed by one
+worker at a time and finished exactly once, even when a worker presumed dead wakes up.
+A webhook delivery row is written in the same transaction that finishes a job, so no
+crash can lose a notification or send one for a job that did not finish.
 """
 
 from __future__ import annotations
 
+import uuid
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from fluxserve.jobs.status import JobStatus
-from fluxserve.jobs.tables import Job, utcnow
+from fluxserve.jobs.status import DeliveryStatus, JobStatus
+from fluxserve.jobs.tables import Job, WebhookDelivery, utcnow
 
 ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 
-class JobStore:
-    def __init__(self, sessions: sessionmaker[Session]):
-        self._sessions = sessions
+def failure_payload(job: Job, message: str) -> dict[str, Any]:
+    """ModelsLab's failure webhook body."""
+    return {"status": "failed", "id": job.id, "message": message, "track_id": job.track_id}
 
+
+class JobStore:
+    def __init__(self, sessions: sessionmaker[Session], *, webhook_retry_seconds: float = 86400.0):
+        self._sessions = sessions
+        self.webhook_retry_seconds = webhook_retry_seconds
+
+    # -- creating and reading ------------------------------------------------------------------
     def create(
-        self,
-        *,
-        key_id: int,
-        server: str,
-        model: str,
-        task: str,
-        params: dict[str, Any],
-        meta: dict[str, Any],
-        file_prefix: str,
+        self, *, key_id: int, server: str, model: str, task: str, params: dict[str, Any],
+        meta: dict[str, Any], file_prefix: str, webhook: str | None = None, track_id: str | None = None,
     ) -> Job:
         job = Job(
             key_id=key_id, server=server, model=model, task=task, status=JobStatus.QUEUED.value,
-            params=params, meta=meta, file_prefix=file_prefix, outputs=[],
+            params=params, meta=meta, file_prefix=file_prefix, outputs=[], webhook=webhook, track_id=track_id,
         )
         with self._sessions.begin() as session:
             session.add(job)
@@ -47,59 +52,21 @@ class JobStore:
             return None
         return job
 
-    def claim_next(self) -> Job | None:
-        """Move the oldest queued job to running and return it (None if the queue is empty)."""
-        while True:
-            with self._sessions.begin() as session:
-                job_id = session.scalar(
-                    select(Job.id).where(Job.status == JobStatus.QUEUED.value).order_by(Job.id).limit(1)
-                )
-                if job_id is None:
-                    return None
-                claimed = session.execute(
-                    update(Job)
-                    .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
-                    .values(status=JobStatus.RUNNING.value, started_at=utcnow(), attempts=Job.attempts + 1)
-                ).rowcount
-            if claimed:  # another worker may have won the race: try the next one
-                return self.get(job_id)
+    def queued_count(self, key_id: int | None = None) -> int:
+        query = select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED.value)
+        if key_id is not None:
+            query = query.where(Job.key_id == key_id)
+        with self._sessions() as session:
+            return session.scalar(query) or 0
 
-    def succeed(
-        self, job_id: int, *, outputs: list[str], nsfw_detected: bool, generation_time: float,
-        meta: dict[str, Any],
-    ) -> bool:
-        return self._finish(
-            job_id, status=JobStatus.SUCCEEDED, outputs=outputs, nsfw_detected=nsfw_detected,
-            generation_time=generation_time, meta=meta,
-        )
+    def queue_depth(self) -> int:
+        return self.queued_count()
 
-    def fail(self, job_id: int, message: str) -> bool:
-        return self._finish(job_id, status=JobStatus.FAILED, error=message)
-
-    def _finish(self, job_id: int, *, status: JobStatus, **values: Any) -> bool:
-        with self._sessions.begin() as session:
-            changed = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
-                .values(status=status.value, finished_at=utcnow(), **values)
-            ).rowcount
-        return bool(changed)
-
-    def requeue_interrupted(self, max_attempts: int) -> tuple[int, int]:
-        """After a crash: running jobs go back to the queue, or fail once out of attempts."""
-        with self._sessions.begin() as session:
-            failed = session.execute(
-                update(Job)
-                .where(Job.status == JobStatus.RUNNING.value, Job.attempts >= max_attempts)
-                .values(
-                    status=JobStatus.FAILED.value, finished_at=utcnow(),
-                    error=f"Generation was interrupted {max_attempts} times; giving up.",
-                )
-            ).rowcount
-            requeued = session.execute(
-                update(Job).where(Job.status == JobStatus.RUNNING.value).values(status=JobStatus.QUEUED.value)
-            ).rowcount
-        return requeued, failed
+    def running_count(self) -> int:
+        with self._sessions() as session:
+            return session.scalar(
+                select(func.count()).select_from(Job).where(Job.status == JobStatus.RUNNING.value)
+            ) or 0
 
     def jobs_ahead(self, job_id: int) -> int:
         """Active jobs that will run before this one (FIFO by id)."""
@@ -108,19 +75,166 @@ class JobStore:
                 select(func.count()).select_from(Job).where(Job.status.in_(ACTIVE), Job.id < job_id)
             ) or 0
 
-    def recent_generation_time(self, model: str, limit: int = 20) -> float | None:
+    def recent_generation_time(self, model: str | None = None, limit: int = 20) -> float | None:
         with self._sessions() as session:
-            recent = (
-                select(Job.generation_time)
-                .where(Job.model == model, Job.status == JobStatus.SUCCEEDED.value)
-                .order_by(Job.id.desc())
-                .limit(limit)
-                .subquery()
-            )
+            recent = select(Job.generation_time).where(Job.status == JobStatus.SUCCEEDED.value)
+            if model is not None:
+                recent = recent.where(Job.model == model)
+            recent = recent.order_by(Job.id.desc()).limit(limit).subquery()
             return session.scalar(select(func.avg(recent.c.generation_time)))
 
-    def queue_depth(self) -> int:
+    def oldest_queued_age(self) -> float:
+        """Seconds the oldest queued job has waited (0 with an empty queue)."""
+        with self._sessions() as session:
+            oldest = session.scalar(select(func.min(Job.id)).where(Job.status == JobStatus.QUEUED.value))
+            job = session.get(Job, oldest) if oldest is not None else None
+        return max(0.0, (utcnow() - job.created_at).total_seconds()) if job else 0.0
+
+    def webhook_status(self, job_id: int) -> str:
+        """"" without a webhook, else the latest delivery's state (pending | delivered | failed)."""
         with self._sessions() as session:
             return session.scalar(
-                select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED.value)
-            ) or 0
+                select(WebhookDelivery.status).where(WebhookDelivery.job_id == job_id)
+                .order_by(WebhookDelivery.id.desc()).limit(1)
+            ) or ""
+
+    # -- running -------------------------------------------------------------------------------
+    def claim_next(self) -> Job | None:
+        """Move the oldest queued job to running under a fresh claim token and return it."""
+        while True:
+            with self._sessions.begin() as session:
+                job_id = session.scalar(
+                    select(Job.id).where(Job.status == JobStatus.QUEUED.value).order_by(Job.id).limit(1)
+                )
+                if job_id is None:
+                    return None
+                now = utcnow()
+                claimed = session.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+                    .values(
+                        status=JobStatus.RUNNING.value, started_at=now, heartbeat_at=now,
+                        claim_token=str(uuid.uuid4()), attempts=Job.attempts + 1, progress_step=0,
+                    )
+                ).rowcount
+            if claimed:  # another worker may have won the race: then try the next one
+                return self.get(job_id)
+
+    def heartbeat(self, job_id: int, token: str, step: int | None = None, total: int | None = None) -> bool:
+        """Keep the claim alive (and record progress). False: the job is no longer ours."""
+        values: dict[str, Any] = {"heartbeat_at": utcnow()}
+        if step is not None:
+            values["progress_step"] = step
+        if total is not None:
+            values["progress_total"] = total
+        with self._sessions.begin() as session:
+            return bool(session.execute(
+                update(Job).where(Job.id == job_id, Job.claim_token == token, Job.status == JobStatus.RUNNING.value)
+                .values(**values)
+            ).rowcount)
+
+    def succeed(
+        self, job_id: int, token: str, *, outputs: list[str], nsfw_detected: bool, generation_time: float,
+        meta: dict[str, Any], expires_at: datetime | None = None, webhook_payload: dict[str, Any] | None = None,
+    ) -> bool:
+        return self._finish(
+            job_id, token, JobStatus.SUCCEEDED, webhook_payload,
+            outputs=outputs, nsfw_detected=nsfw_detected, generation_time=generation_time, meta=meta,
+            expires_at=expires_at,
+        )
+
+    def fail(self, job_id: int, token: str, message: str) -> bool:
+        return self._finish(job_id, token, JobStatus.FAILED, None, error=message)
+
+    def _finish(
+        self, job_id: int, token: str, status: JobStatus, payload: dict[str, Any] | None, **values: Any
+    ) -> bool:
+        with self._sessions.begin() as session:
+            changed = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.claim_token == token)
+                .values(status=status.value, finished_at=utcnow(), claim_token=None, **values)
+            ).rowcount
+            if changed:
+                job = session.get(Job, job_id)
+                self._queue_webhook(session, job, payload or failure_payload(job, job.error or "failed"))
+        return bool(changed)
+
+    def _queue_webhook(self, session: Session, job: Job, payload: dict[str, Any]) -> None:
+        if not job.webhook:
+            return
+        now = utcnow()
+        session.add(WebhookDelivery(
+            job_id=job.id, key_id=job.key_id, url=job.webhook, payload=payload,
+            status=DeliveryStatus.PENDING.value, next_attempt_at=now,
+            give_up_at=now + timedelta(seconds=self.webhook_retry_seconds),
+        ))
+
+    # -- cancelling ----------------------------------------------------------------------------
+    def cancel(self, job_id: int, key_id: int | None = None, message: str = "Request was cancelled") -> bool:
+        """Cancel a queued job (running and finished jobs are left alone)."""
+        with self._sessions.begin() as session:
+            query = update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+            if key_id is not None:
+                query = query.where(Job.key_id == key_id)
+            changed = session.execute(
+                query.values(status=JobStatus.CANCELLED.value, finished_at=utcnow(), error=message)
+            ).rowcount
+            if changed:
+                self._queue_webhook(session, session.get(Job, job_id), failure_payload(session.get(Job, job_id), message))
+        return bool(changed)
+
+    def cancel_queued(self, key_id: int | None = None, message: str = "Request was cancelled: queue cleared") -> list[int]:
+        query = select(Job.id).where(Job.status == JobStatus.QUEUED.value)
+        if key_id is not None:
+            query = query.where(Job.key_id == key_id)
+        with self._sessions() as session:
+            ids = list(session.scalars(query.order_by(Job.id)))
+        return [job_id for job_id in ids if self.cancel(job_id, message=message)]
+
+    # -- recovery ------------------------------------------------------------------------------
+    def recover_stale(self, lease_seconds: float, max_attempts: int) -> tuple[list[int], list[int]]:
+        """Running jobs whose worker stopped heart-beating (it died) go back to the queue, or
+        fail with a clear message once they used ``max_attempts`` tries. Returns (requeued, failed)."""
+        cutoff = utcnow() - timedelta(seconds=lease_seconds)
+        requeued, failed = [], []
+        with self._sessions() as session:
+            stale = list(session.scalars(
+                select(Job).where(Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < cutoff)
+            ))
+        for job in stale:
+            with self._sessions.begin() as session:
+                guard = update(Job).where(
+                    Job.id == job.id, Job.status == JobStatus.RUNNING.value, Job.claim_token == job.claim_token
+                )
+                if job.attempts >= max_attempts:
+                    message = (f"Generation was interrupted {job.attempts} times (the worker stopped); "
+                               "giving up. Please try again.")
+                    if session.execute(guard.values(
+                        status=JobStatus.FAILED.value, finished_at=utcnow(), claim_token=None, error=message
+                    )).rowcount:
+                        self._queue_webhook(session, session.get(Job, job.id), failure_payload(job, message))
+                        failed.append(job.id)
+                elif session.execute(guard.values(status=JobStatus.QUEUED.value, claim_token=None)).rowcount:
+                    requeued.append(job.id)
+        return requeued, failed
+
+    # -- retention -----------------------------------------------------------------------------
+    def due_for_expiry(self, now: datetime | None = None, limit: int = 200) -> list[Job]:
+        with self._sessions() as session:
+            return list(session.scalars(
+                select(Job).where(
+                    Job.status == JobStatus.SUCCEEDED.value, Job.expired_at.is_(None),
+                    Job.expires_at.is_not(None), Job.expires_at <= (now or utcnow()),
+                ).order_by(Job.expires_at).limit(limit)
+            ))
+
+    def mark_expired(self, job_id: int) -> None:
+        with self._sessions.begin() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(expired_at=utcnow()))
+
+    def active_inputs(self) -> set[str]:
+        """Init image files still needed by queued or running jobs."""
+        with self._sessions() as session:
+            params = session.scalars(select(Job.params).where(Job.status.in_(ACTIVE)))
+            return {name for p in params for name in [*p.get("inputs", []), p.get("input_2")] if name}

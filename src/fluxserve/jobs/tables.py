@@ -1,12 +1,14 @@
-"""SQLAlchemy tables: API keys and jobs. Ids are AUTOINCREMENT (SQLite) / identity
-(PostgreSQL), so an id is never reused, even after rows are deleted or the server restarts."""
+"""SQLAlchemy tables: API keys, jobs, webhook deliveries. Ids are AUTOINCREMENT (SQLite) /
+identity (PostgreSQL), so an id is never reused, even after rows are deleted or a restart.
+Columns added after the first release carry server defaults or are nullable, so that
+``database.upgrade_schema`` can add them to an existing database in place."""
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -14,8 +16,27 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC datetimes on every backend (SQLite hands back naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(timezone.utc)
+            if dialect.name == "sqlite":
+                value = value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value
+
+
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: UTCDateTime}
 
 
 class ApiKey(Base):
@@ -27,8 +48,10 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     prefix: Mapped[str] = mapped_column(String(16))  # shown in listings; not enough to use the key
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # signs this key's webhooks (HMAC-SHA256); must be readable to sign, so stored as is
+    webhook_secret: Mapped[str | None] = mapped_column(String(80), nullable=True)
 
 
 class Job(Base):
@@ -49,6 +72,36 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     generation_time: Mapped[float | None] = mapped_column(Float, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # -- durability, webhooks, retention, progress ------------------------------------------
+    webhook: Mapped[str | None] = mapped_column(Text, nullable=True)
+    track_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    claim_token: Mapped[str | None] = mapped_column(String(36), nullable=True)  # the live attempt
+    heartbeat_at: Mapped[datetime | None] = mapped_column(nullable=True, index=True)
+    progress_step: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    progress_total: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    expires_at: Mapped[datetime | None] = mapped_column(nullable=True, index=True)
+    expired_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class WebhookDelivery(Base):
+    """One webhook POST to make, persisted in the same transaction that finishes the job, so
+    it survives any crash; retried until delivered or its retry period ends."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"))
+    url: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    give_up_at: Mapped[datetime] = mapped_column()
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(nullable=True)
