@@ -68,7 +68,8 @@ def keys_create(
     """Create a key and print it once (only its hash is stored)."""
     row, plaintext = _key_store(data_dir, database_url).create(name, admin=admin)
     typer.echo(plaintext)
-    typer.echo(f"created key {row.id} ({row.name}{', admin' if admin else ''}); it is shown only now", err=True)
+    typer.echo(f"created key {row.id} ({row.name}{', admin' if admin else ''}); it is shown only now. "
+               f"Webhook signing secret: fluxserve keys webhook-secret {row.id}", err=True)
 
 
 @keys_app.command("list")
@@ -78,6 +79,20 @@ def keys_list(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> Non
         state = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "active"
         role = "admin" if row.is_admin else "user"
         typer.echo(f"{row.id}\t{row.prefix}…\t{row.name}\t{role}\t{state}\tcreated {row.created_at:%Y-%m-%d %H:%M}")
+
+
+@keys_app.command("webhook-secret")
+def keys_webhook_secret(
+    key: Annotated[int, typer.Argument(help="The key's id (see keys list).")],
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Print the secret that signs this key's webhooks (give it to the receiver)."""
+    store = _key_store(data_dir, database_url)
+    if store.get(key) is None:
+        typer.echo(f"no key with id {key}", err=True)
+        raise typer.Exit(1)
+    typer.echo(store.webhook_secret(key))
 
 
 @keys_app.command("revoke")

@@ -7,22 +7,26 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 
 
 class JobEvents:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._waiters: dict[int, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = defaultdict(set)
-        self.work_available = threading.Event()
+        self.wake_worker: Callable[[], None] = lambda: None  # set by whoever hosts the worker
 
     def job_queued(self) -> None:
-        self.work_available.set()
+        self.wake_worker()
 
     def job_changed(self, job_id: int) -> None:
         with self._lock:
             waiters = list(self._waiters.get(job_id, ()))
         for loop, event in waiters:
-            loop.call_soon_threadsafe(event.set)
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # that request's event loop is closed (server shutting down)
+                pass
 
     async def wait(self, job_id: int, timeout: float) -> None:
         """Return when job ``job_id`` changes or ``timeout`` passes, whichever is first."""

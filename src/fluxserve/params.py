@@ -34,6 +34,7 @@ class GenerationRequest:
     temp: bool = False
     enhance_prompt: bool | None = None
     track_id: str | None = None
+    webhook: str | None = None
 
 
 @dataclass

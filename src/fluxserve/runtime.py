@@ -21,8 +21,8 @@ def build_registry(settings: Settings, *, build_tiny: bool = True) -> Registry:
     return Registry.build(settings.model_overrides, tiny_root=tiny_root)
 
 
-def build_server_app(settings: Settings) -> FastAPI:
-    """The API with an in-process worker thread started and stopped with the app."""
+def build_worker(settings: Settings, *, sink=None, commands=None):
+    """A worker for these settings (thread or child process: see ``supervisor``)."""
     from fluxserve.engine.loading import PipelineCache, pick_device, pick_dtype
     from fluxserve.jobs.database import open_database
     from fluxserve.jobs.store import JobStore
@@ -30,13 +30,66 @@ def build_server_app(settings: Settings) -> FastAPI:
     from fluxserve.storage.local import LocalStorage
     from fluxserve.worker import Worker
 
-    registry = build_registry(settings)
-    events = JobEvents()
     device = pick_device(settings.device)
-    worker = Worker(
-        registry=registry, jobs=JobStore(open_database(settings.resolved_database_url)), events=events,
+    return Worker(
+        registry=build_registry(settings, build_tiny=False),
+        jobs=JobStore(open_database(settings.resolved_database_url), webhook_retry_seconds=settings.webhook_retry_seconds),
         pipelines=PipelineCache(device, pick_dtype(device)), safety=SafetyChecker(settings.nsfw_threshold),
         outputs=LocalStorage(settings.outputs_dir, settings.base_url),
-        inputs=LocalStorage(settings.inputs_dir, settings.base_url), max_attempts=settings.max_job_attempts,
+        inputs=LocalStorage(settings.inputs_dir, settings.base_url),
+        max_attempts=settings.max_job_attempts, lease_seconds=settings.lease_seconds,
+        heartbeat_seconds=settings.heartbeat_seconds, retention_seconds=settings.retention_seconds,
+        sink=sink, commands=commands,
     )
-    return create_app(settings, registry, events=events, on_startup=worker.start, on_shutdown=worker.stop)
+
+
+def build_server_app(settings: Settings, reload_settings=None) -> FastAPI:
+    """The API, with the worker (thread or child process), the webhook dispatcher and the
+    retention janitor started and stopped with the app."""
+    from fluxserve.jobs.database import open_database
+    from fluxserve.jobs.store import JobStore
+    from fluxserve.metrics import Metrics
+    from fluxserve.supervisor import ProcessWorkerHost, ThreadWorkerHost, WorkerLink
+
+    registry = build_registry(settings)  # builds the tiny models once, before any worker starts
+    sessions = open_database(settings.resolved_database_url)
+    jobs = JobStore(sessions, webhook_retry_seconds=settings.webhook_retry_seconds)
+    events, metrics = JobEvents(), Metrics()
+    host_class = ProcessWorkerHost if settings.worker == "process" else ThreadWorkerHost
+    host = host_class(settings, WorkerLink(events, metrics), jobs)
+    events.wake_worker = host.wake
+    background = _background_services(settings, sessions, jobs, metrics)
+
+    def start() -> None:
+        host.start()
+        for service in background:
+            service.start()
+
+    def stop() -> None:
+        for service in background:
+            service.stop()
+        host.stop()
+
+    return create_app(
+        settings, registry, events=events, metrics=metrics, host=host,
+        reload_settings=reload_settings or (lambda: settings), on_startup=start, on_shutdown=stop,
+    )
+
+
+def _background_services(settings: Settings, sessions, jobs, metrics) -> list:
+    """Threads beside the API: webhook delivery and retention (both driven by the store)."""
+    from fluxserve.retention import Janitor
+    from fluxserve.storage.local import LocalStorage
+    from fluxserve.webhooks import WebhookDispatcher
+
+    return [
+        WebhookDispatcher(
+            sessions, timeout_seconds=settings.webhook_timeout_seconds,
+            on_result=lambda result: metrics.webhook_deliveries.labels(result).inc(),
+        ),
+        Janitor(
+            jobs, LocalStorage(settings.outputs_dir, settings.base_url),
+            LocalStorage(settings.inputs_dir, settings.base_url),
+            retention_seconds=settings.retention_seconds, interval_seconds=settings.janitor_interval_seconds,
+        ),
+    ]

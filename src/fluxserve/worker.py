@@ -1,94 +1,245 @@
 """The one module that wires engine + safety + storage + jobs: claims queued jobs from the
-store, generates, checks, stores, and records the outcome. Runs as a thread beside the API;
-the store is its only contract with the API, so it can move to its own process."""
+store, generates, checks, stores, and records the outcome exactly once.
+
+The store is the worker's only contract with the API, so the worker can run as a thread in
+the server or in its own process (``fluxserve.supervisor``). It reports what it does through a
+``WorkerSink`` (events for waiting requests, metrics, status) and takes commands (clear the
+model cache, stop) from a queue between jobs.
+"""
 
 from __future__ import annotations
 
+import gc
 import logging
+import queue
 import threading
 import time
+from datetime import timedelta
+from typing import Any, Protocol
 
 from PIL import Image
 
-from fluxserve.engine.generate import Generator
+from fluxserve.engine.generate import Generator, JobAborted
 from fluxserve.engine.loading import ModelLoadError, PipelineCache
-from fluxserve.events import JobEvents
 from fluxserve.images import encode_png
 from fluxserve.jobs.store import JobStore
-from fluxserve.jobs.tables import Job
+from fluxserve.jobs.tables import Job, utcnow
 from fluxserve.models import Registry
 from fluxserve.params import JobParams
 from fluxserve.safety import SafetyChecker
 from fluxserve.storage.local import LocalStorage
 
 log = logging.getLogger(__name__)
-IDLE_POLL_SECONDS = 1.0
+
+
+class WorkerSink(Protocol):
+    def job_started(self, job_id: int, token: str) -> None: ...
+    def job_finished(self, job_id: int, outcome: str, generation_time: float | None, queue_time: float) -> None: ...
+    def status(self, status: dict[str, Any]) -> None: ...
+
+
+class NullSink:
+    def job_started(self, job_id: int, token: str) -> None:
+        pass
+
+    def job_finished(self, job_id: int, outcome: str, generation_time: float | None, queue_time: float) -> None:
+        pass
+
+    def status(self, status: dict[str, Any]) -> None:
+        pass
+
+
+def out_of_memory_error() -> type[BaseException]:
+    import torch
+
+    return torch.cuda.OutOfMemoryError
+
+
+def gpu_memory() -> dict[str, int] | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return {"allocated_bytes": torch.cuda.memory_allocated(), "reserved_bytes": torch.cuda.memory_reserved(),
+            "free_bytes": free, "total_bytes": total}
+
+
+class _Claim:
+    """Keeps a running job's claim alive from a side thread and records its progress."""
+
+    def __init__(self, jobs: JobStore, job: Job, every: float):
+        self.jobs, self.job_id, self.token, self.every = jobs, job.id, job.claim_token, every
+        self.step, self.total = 0, 0
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job.id}", daemon=True)
+
+    def __enter__(self) -> "_Claim":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def progress(self, step: int, total: int) -> None:
+        self.step, self.total = step, total
+        if self.lost.is_set():
+            raise JobAborted("the job's claim was lost (it was recovered by another worker)")
+
+    def _run(self) -> None:
+        """Beat every ``every`` seconds, and sooner (at most 4 times a second) when a step is done,
+        so progress streams see each step without a database write per step."""
+        written, last_beat = None, time.monotonic()
+        while not self._stop.wait(min(self.every, 0.25)):
+            progress = (self.step, self.total)
+            if progress == written and time.monotonic() - last_beat < self.every:
+                continue
+            try:
+                if not self.jobs.heartbeat(self.job_id, self.token, *progress):
+                    self.lost.set()
+                    return
+                written, last_beat = progress, time.monotonic()
+            except Exception:  # noqa: BLE001 - a missed beat is retried on the next tick
+                log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
 
 
 class Worker:
     def __init__(
-        self, *, registry: Registry, jobs: JobStore, events: JobEvents, pipelines: PipelineCache,
-        safety: SafetyChecker, outputs: LocalStorage, inputs: LocalStorage, max_attempts: int,
+        self, *, registry: Registry, jobs: JobStore, pipelines: PipelineCache, safety: SafetyChecker,
+        outputs: LocalStorage, inputs: LocalStorage, max_attempts: int, lease_seconds: float,
+        heartbeat_seconds: float, retention_seconds: float, sink: WorkerSink | None = None,
+        commands: "queue.Queue[str] | Any" = None, idle_poll_seconds: float = 0.2,
     ):
         self.registry = registry
         self.jobs = jobs
-        self.events = events
         self.pipelines = pipelines
         self.generator = Generator(pipelines)
         self.safety = safety
         self.outputs = outputs
         self.inputs = inputs
         self.max_attempts = max_attempts
-        self._stop = threading.Event()
+        self.lease_seconds = lease_seconds
+        self.heartbeat_seconds = heartbeat_seconds
+        self.retention_seconds = retention_seconds
+        self.sink = sink or NullSink()
+        self.commands = commands if commands is not None else queue.Queue()
+        self.idle_poll_seconds = idle_poll_seconds
+        self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._last_recovery = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
-        requeued, failed = self.jobs.requeue_interrupted(self.max_attempts)
-        if requeued or failed:
-            log.warning("recovered interrupted jobs: %d requeued, %d failed after too many attempts", requeued, failed)
-        self._thread = threading.Thread(target=self._run, name="fluxserve-worker", daemon=True)
+        """Run the loop in a daemon thread (thread mode)."""
+        self._thread = threading.Thread(target=self.run, name="fluxserve-worker", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        self._stop.set()
-        self.events.work_available.set()
+    def stop(self, timeout: float = 60.0) -> None:
+        self.commands.put("stop")
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    def run(self) -> None:
+        """Claim and run jobs until told to stop."""
+        self.report_status()
+        while not self._stopping.is_set():
+            self._recover_stale()
             try:
                 job = self.jobs.claim_next()
             except Exception:  # noqa: BLE001 - a store hiccup must not kill the worker
                 log.exception("claiming a job failed")
                 job = None
-            if job is None:
-                self.events.work_available.wait(IDLE_POLL_SECONDS)
-                self.events.work_available.clear()
-                continue
-            self.process(job)
+            if job is not None:
+                self.process(job)
+                self._drain_commands()
+            else:
+                self._wait_for_work()
+
+    def _wait_for_work(self) -> None:
+        try:
+            command = self.commands.get(timeout=self.idle_poll_seconds)
+        except queue.Empty:
+            return
+        self._handle(command)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            self._handle(command)
+
+    def _handle(self, command: str) -> None:
+        if command == "stop":
+            self._stopping.set()
+        elif command == "clear_cache":
+            self.pipelines.clear()
+            gc.collect()
+            self.report_status()
+        elif command == "status":
+            self.report_status()
+        # "wake" needs no action: returning from the wait is the point
+
+    def _recover_stale(self) -> None:
+        now = time.monotonic()
+        if now - self._last_recovery < min(self.lease_seconds / 3, 5.0):
+            return
+        self._last_recovery = now
+        try:
+            requeued, failed = self.jobs.recover_stale(self.lease_seconds, self.max_attempts)
+        except Exception:  # noqa: BLE001
+            log.exception("recovering stale jobs failed")
+            return
+        if requeued or failed:
+            log.warning("recovered jobs of a stopped worker: requeued %s, failed %s", requeued, failed)
+        for job_id in failed:
+            self.sink.job_finished(job_id, "failed", None, 0.0)
+
+    def report_status(self) -> None:
+        try:
+            self.sink.status({"models_loaded": self.pipelines.loaded(), "gpu_memory": gpu_memory(),
+                              "device": self.pipelines.device})
+        except Exception:  # noqa: BLE001 - status is best-effort
+            log.debug("status report failed", exc_info=True)
 
     # -- one job --------------------------------------------------------------------------------
     def process(self, job: Job) -> None:
-        try:
-            self._generate_and_store(job)
-        except ModelLoadError as exc:
-            self.jobs.fail(job.id, str(exc))
-        except Exception as exc:  # noqa: BLE001 - the job fails with a message, the worker lives
-            log.exception("job %s failed", job.id)
-            self.jobs.fail(job.id, f"Generation failed: {type(exc).__name__}: {exc}")
-        finally:
-            self._notify(job.id)
+        self.sink.job_started(job.id, job.claim_token)
+        queue_time = max(0.0, (job.started_at - job.created_at).total_seconds()) if job.started_at else 0.0
+        outcome, generation_time = "failed", None
+        with _Claim(self.jobs, job, self.heartbeat_seconds) as claim:
+            try:
+                generation_time = self._generate_and_store(job, claim)
+                outcome = "succeeded" if generation_time is not None else "lost"
+            except JobAborted:
+                outcome = "lost"
+                log.warning("job %s: claim lost mid-run; its new owner will finish it", job.id)
+            except ModelLoadError as exc:
+                self.jobs.fail(job.id, job.claim_token, str(exc))
+            except Exception as exc:  # noqa: BLE001 - the job fails with a message, the worker lives
+                self.jobs.fail(job.id, job.claim_token, self._failure_message(job, exc))
+        self.sink.job_finished(job.id, outcome, generation_time, queue_time)
+        self.report_status()
 
-    def _generate_and_store(self, job: Job) -> None:
+    def _failure_message(self, job: Job, exc: Exception) -> str:
+        if isinstance(exc, out_of_memory_error()):
+            self.pipelines.release_memory()
+            return ("Out of GPU memory while generating; the memory was released. "
+                    "Try fewer samples or a smaller size, or retry when the server is less busy.")
+        log.exception("job %s failed", job.id)
+        return f"Generation failed: {type(exc).__name__}: {exc}"
+
+    def _generate_and_store(self, job: Job, claim: _Claim) -> float | None:
         params = JobParams.from_dict(job.params)
         spec = self.registry.get(params.model)
         references = [self._load_input(name) for name in params.inputs]
         second = self._load_input(params.input_2) if params.input_2 else None
         self.pipelines.get(spec)  # load outside the timed section: generationTime is generation
         started = time.perf_counter()
-        images = self.generator.run(spec, params, references, second)
+        images = self.generator.run(spec, params, references, second, progress=claim.progress)
         meta = dict(job.meta)
         nsfw = False
         if params.safety_checker:
@@ -96,17 +247,23 @@ class Worker:
             meta["nsfw_scores"] = [round(score, 4) for score in scores]
         names = [f"{job.file_prefix}-{i}.png" for i in range(len(images))]
         for name, image in zip(names, images):
-            self.outputs.save(name, encode_png(image))
+            self.outputs.save(name, encode_png(image))  # same names on a retry: one set of files
         elapsed = time.perf_counter() - started
-        if not self.jobs.succeed(job.id, outputs=names, nsfw_detected=nsfw, generation_time=elapsed, meta=meta):
-            log.warning("job %s was no longer running when it finished; result discarded", job.id)
+        links = [self.outputs.url_for(name) for name in names]
+        payload = {
+            "status": "success", "id": job.id, "output": links, "proxy_links": links,
+            "generationTime": round(elapsed, 4), "nsfw_content_detected": nsfw, "track_id": job.track_id,
+            "meta": meta,
+        }
+        finished = self.jobs.succeed(
+            job.id, job.claim_token, outputs=names, nsfw_detected=nsfw, generation_time=elapsed, meta=meta,
+            expires_at=utcnow() + timedelta(seconds=self.retention_seconds), webhook_payload=payload,
+        )
+        if not finished:
+            log.warning("job %s was no longer ours when it finished; result left to its new owner", job.id)
+            return None
+        return elapsed
 
     def _load_input(self, name: str) -> Image.Image:
         with Image.open(self.inputs.path_for(name)) as image:
             return image.convert("RGB")
-
-    def _notify(self, job_id: int) -> None:
-        try:
-            self.events.job_changed(job_id)
-        except RuntimeError:  # the API's event loop is gone (shutting down)
-            pass

@@ -50,8 +50,7 @@ REFUSALS = [
     ("file scheme", FLUX_I2I, {"init_image": "file:///etc/passwd"}, 400,
      "Unable to fetch image from provided URL: only http, https and data: URLs are accepted"),
     ("bad data uri", FLUX_I2I, {"init_image": "data:image/png;base64,@@@"}, 400, "data: URI is not valid base64"),
-    ("webhook not yet supported", KLEIN, {"webhook": "http://127.0.0.1:9/hook"}, 400,
-     "webhook delivery is not supported by this server yet; poll fetch_result instead"),
+    ("webhook not http", KLEIN, {"webhook": "ftp://example.test/hook"}, 400, "webhook must be an http or https URL"),
     ("enhance_prompt not yet supported", REALTIME_I2I, {"enhance_prompt": "yes"}, 400,
      "enhance_prompt is not supported by this server yet; send enhance_prompt false or null"),
 ]

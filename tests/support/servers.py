@@ -57,6 +57,7 @@ def live_server(data_dir: Path, tiny_root: Path, **overrides) -> LiveServer:
     link = data_dir / "tiny-models"
     if not link.exists():
         link.symlink_to(tiny_root, target_is_directory=True)
+    overrides.setdefault("worker", "thread")  # fast to start; process mode has its own tests
     settings = Settings(data_dir=data_dir, port=port, models="tiny", **overrides)
     sessions = open_database(settings.resolved_database_url)
     keys = KeyStore(sessions)

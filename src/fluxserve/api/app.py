@@ -10,7 +10,9 @@ import httpx
 from fastapi import FastAPI
 
 from fluxserve import __version__
-from fluxserve.api.deps import Services
+from fluxserve.api.admin import admin, ops
+from fluxserve.api.deps import Services, WorkerControl
+from fluxserve.api.progress import jobs_router
 from fluxserve.api.errors import install_error_handlers
 from fluxserve.api.generation import GenerationService
 from fluxserve.api.json_bodies import JsonBodiesMiddleware
@@ -20,6 +22,7 @@ from fluxserve.events import JobEvents
 from fluxserve.jobs.database import open_database
 from fluxserve.jobs.store import JobStore
 from fluxserve.keys import KeyStore
+from fluxserve.metrics import Metrics
 from fluxserve.models import Registry
 from fluxserve.storage.local import LocalStorage
 
@@ -29,23 +32,32 @@ def create_app(
     registry: Registry,
     *,
     events: JobEvents | None = None,
+    metrics: Metrics | None = None,
+    host: WorkerControl | None = None,
+    reload_settings: Callable[[], Settings] | None = None,
     on_startup: Callable[[], None] | None = None,
     on_shutdown: Callable[[], None] | None = None,
 ) -> FastAPI:
     sessions = open_database(settings.resolved_database_url)
     events = events or JobEvents()
+    metrics = metrics or Metrics()
+    jobs = JobStore(sessions, webhook_retry_seconds=settings.webhook_retry_seconds)
+    metrics.bind(queue_depth=jobs.queue_depth, running=jobs.running_count)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with httpx.AsyncClient(headers={"User-Agent": f"fluxserve/{__version__}"}) as http:
             app.state.services = Services(
                 generation=GenerationService(
-                    settings=settings, registry=registry, jobs=JobStore(sessions),
+                    settings=settings, registry=registry, jobs=jobs, metrics=metrics,
                     storage=LocalStorage(settings.outputs_dir, settings.base_url),
                     inputs=LocalStorage(settings.inputs_dir, settings.base_url),
                     events=events, http=http,
                 ),
                 keys=KeyStore(sessions),
+                host=host,
+                worker_status=lambda: getattr(getattr(host, "link", None), "last_status", {}) or {},
+                reload_settings=reload_settings,
             )
             if on_startup:
                 on_startup()
@@ -63,6 +75,6 @@ def create_app(
     )
     install_error_handlers(app)
     app.add_middleware(JsonBodiesMiddleware)
-    for router in (enterprise, v6, files):
+    for router in (enterprise, v6, admin, jobs_router, files, ops):
         app.include_router(router)
     return app

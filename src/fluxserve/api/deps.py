@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
@@ -14,10 +15,21 @@ from fluxserve.jobs.tables import ApiKey
 from fluxserve.keys import KeyStore
 
 
+class WorkerControl(Protocol):
+    """What the API may ask of whoever hosts the GPU worker (``fluxserve.supervisor``)."""
+
+    def describe(self) -> dict[str, Any]: ...
+    def command(self, name: str) -> None: ...
+    def restart(self, settings: Any = None) -> None: ...
+
+
 @dataclass
 class Services:
     generation: GenerationService
     keys: KeyStore
+    host: WorkerControl | None = None
+    worker_status: Callable[[], dict[str, Any]] = field(default=lambda: {})
+    reload_settings: Callable[[], Any] | None = None
 
 
 def get_services(request: Request) -> Services:
@@ -48,5 +60,12 @@ async def require_key(request: Request, services: Annotated[Services, Depends(ge
     return key
 
 
+async def require_admin_key(key: Annotated[ApiKey, Depends(require_key)]) -> ApiKey:
+    if not key.is_admin:
+        raise ApiError(403, "This endpoint needs an admin key")
+    return key
+
+
 AuthKey = Annotated[ApiKey, Depends(require_key)]
+AdminKey = Annotated[ApiKey, Depends(require_admin_key)]
 ServicesDep = Annotated[Services, Depends(get_services)]

@@ -4,6 +4,7 @@ then answer with its result, or "processing" once the wait bound passes."""
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 import time
 import uuid
@@ -15,13 +16,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from fluxserve.api.errors import ApiError
-from fluxserve.api.responses import failure_body, processing_body, success_body
+from fluxserve.api.responses import expired_body, failure_body, processing_body, success_body
 from fluxserve.config import Settings
 from fluxserve.events import JobEvents
 from fluxserve.images import ImageInputError, decode_image, encode_png, fetch_image_bytes
 from fluxserve.jobs.status import JobStatus
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.tables import ApiKey, Job
+from fluxserve.metrics import Metrics
 from fluxserve.models import ModelSpec, Registry, UnknownModel
 from fluxserve.params import SEED_MAX, GenerationRequest, JobParams
 from fluxserve.storage.local import LocalStorage
@@ -38,10 +40,12 @@ class GenerationService:
     inputs: LocalStorage
     events: JobEvents
     http: httpx.AsyncClient
+    metrics: Metrics
 
     # -- submission ---------------------------------------------------------------------------
     async def submit(self, key: ApiKey, request: GenerationRequest, *, pipelines: tuple[str, ...] = ()) -> JSONResponse:
         spec = self._model(request.model, pipelines)
+        await self._check_queue_limit(key)
         inputs = [await self._store_init_image(url) for url in request.init_images]
         input_2 = await self._store_init_image(request.init_image_2) if request.init_image_2 else None
         params = self._resolve(request, spec, inputs, input_2)
@@ -49,7 +53,9 @@ class GenerationService:
         job = await run_in_threadpool(
             self.jobs.create, key_id=key.id, server=request.server, model=spec.name, task=request.task,
             params=params.to_dict(), meta=self._meta(request, spec, params, file_prefix), file_prefix=file_prefix,
+            webhook=request.webhook, track_id=request.track_id,
         )
+        self.metrics.jobs_submitted.labels(spec.name).inc()
         self.events.job_queued()
         if request.instant_response:
             return await self._answer(job)
@@ -64,6 +70,18 @@ class GenerationService:
             raise ApiError(404, f"Model not found: {name}")
         return spec
 
+    async def _check_queue_limit(self, key: ApiKey) -> None:
+        """ModelsLab's rule: a key may have a bounded number of queued requests (FIFO)."""
+        limit = self.settings.max_queued_per_key
+        queued = await run_in_threadpool(self.jobs.queued_count, key.id)
+        if queued >= limit:
+            self.metrics.rejected.labels("queue_limit").inc()
+            per_job = await run_in_threadpool(self.jobs.recent_generation_time) or 5.0
+            raise ApiError(
+                429, f"Rate limit exceeded. Maximum {limit} queued requests allowed.",
+                retry_after=max(1, round(per_job * (queued - limit + 1))),
+            )
+
     async def _store_init_image(self, url: str) -> str:
         """Fetch, decode and keep the init image under the data dir, so the job can be retried
         after a crash without fetching again. Returns the stored file name."""
@@ -76,7 +94,10 @@ class GenerationService:
         except ImageInputError as exc:
             raise ApiError(400, str(exc)) from None
         name = hashlib.sha256(png).hexdigest() + ".png"
-        if not self.inputs.root.joinpath(name).exists():
+        path = self.inputs.root / name
+        if path.exists():
+            os.utime(path)  # fresh again, so retention keeps it for this job
+        else:
             await run_in_threadpool(self.inputs.save, name, png)
         return name
 
@@ -131,10 +152,21 @@ class GenerationService:
 
     # -- answering ----------------------------------------------------------------------------
     async def fetch(self, key: ApiKey, job_id: int) -> JSONResponse:
+        return await self._answer(await self.owned_job(key, job_id))
+
+    async def owned_job(self, key: ApiKey, job_id: int) -> Job:
         job = await run_in_threadpool(self.jobs.get, job_id, key.id)
         if job is None:
             raise ApiError(404, "Request not found")
-        return await self._answer(job)
+        return job
+
+    async def cancel(self, key: ApiKey, job_id: int) -> JSONResponse:
+        job = await self.owned_job(key, job_id)
+        if await run_in_threadpool(self.jobs.cancel, job.id, key.id):
+            self.events.job_changed(job.id)
+            return JSONResponse({"status": "success", "id": job.id, "message": "Request cancelled"})
+        job = await run_in_threadpool(self.jobs.get, job.id)
+        raise ApiError(409, f"Request {job.id} is {job.status}; only queued requests can be cancelled", id=job.id)
 
     async def _wait_and_answer(self, job_id: int) -> JSONResponse:
         deadline = time.monotonic() + self.settings.sync_wait_seconds
@@ -148,17 +180,22 @@ class GenerationService:
     async def _answer(self, job: Job) -> JSONResponse:
         status = JobStatus(job.status)
         if status is JobStatus.SUCCEEDED:
+            webhook_status = await run_in_threadpool(self.jobs.webhook_status, job.id)
+            if job.expired_at is not None:
+                return JSONResponse(expired_body(job, webhook_status))
             try:
-                body = await run_in_threadpool(success_body, job, self.storage)
-            except FileNotFoundError:
-                raise ApiError(410, "The images of this request are no longer stored") from None
+                body = await run_in_threadpool(success_body, job, self.storage, webhook_status)
+            except FileNotFoundError:  # deleted by hand, or expiring right now
+                return JSONResponse(expired_body(job, webhook_status))
             return JSONResponse(body)
         if status is JobStatus.FAILED:
             return JSONResponse(failure_body(job), status_code=500)
-        eta = await run_in_threadpool(self._eta, job)
+        if status is JobStatus.CANCELLED:
+            return JSONResponse(failure_body(job), status_code=410)
+        eta = await run_in_threadpool(self.eta, job)
         return JSONResponse(processing_body(job, self.storage, self.settings.base_url, eta))
 
-    def _eta(self, job: Job) -> float:
+    def eta(self, job: Job) -> float:
         per_job = self.jobs.recent_generation_time(job.model)
         if per_job is None:  # nothing measured yet: a rough guess from the step count
             per_job = 0.5 * job.params["steps"] * len(job.params["seeds"])

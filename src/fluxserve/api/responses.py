@@ -27,7 +27,7 @@ def fetch_url(base_url: str, job: Job) -> str:
     return base_url + FETCH_PATHS[job.server].format(id=job.id)
 
 
-def success_body(job: Job, storage: LocalStorage) -> dict[str, Any]:
+def success_body(job: Job, storage: LocalStorage, webhook_status: str = "") -> dict[str, Any]:
     links = [storage.url_for(name) for name in job.outputs]
     output = [to_base64(storage.read(name)) for name in job.outputs] if job.params.get("base64") else links
     return {
@@ -37,8 +37,24 @@ def success_body(job: Job, storage: LocalStorage) -> dict[str, Any]:
         "output": output,
         "proxy_links": links,
         "nsfw_content_detected": bool(job.nsfw_detected),
-        "webhook_status": "",
+        "webhook_status": webhook_status,
         "tip": "",
+        "meta": job.meta,
+    }
+
+
+def expired_body(job: Job, webhook_status: str = "") -> dict[str, Any]:
+    """A finished job whose images were deleted by retention: the record stays, the files don't."""
+    when = job.expired_at.isoformat() if job.expired_at else "now"
+    return {
+        "status": "success",
+        "generationTime": round(job.generation_time or 0.0, 4),
+        "id": job.id,
+        "output": [],
+        "proxy_links": [],
+        "nsfw_content_detected": bool(job.nsfw_detected),
+        "webhook_status": webhook_status,
+        "message": f"The images of this request expired and were deleted ({when}); the record is kept.",
         "meta": job.meta,
     }
 

@@ -104,7 +104,3 @@ async def output_file(name: str, services: ServicesDep) -> FileResponse:
         raise ApiError(404, "File not found")
     return FileResponse(path, media_type="image/png")
 
-
-@files.get("/health")
-async def health() -> dict:
-    return {"status": "ok"}

@@ -4,6 +4,7 @@ ranges, silent about unknown fields; each translates itself into a ``GenerationR
 from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
@@ -74,8 +75,10 @@ class GenerationBody(BaseModel):
         _check_range("true_cfg_scale", self.true_cfg_scale, 1, 20)
         if self.enhance_prompt:
             raise _refuse("enhance_prompt is not supported by this server yet; send enhance_prompt false or null")
-        if self.webhook:
-            raise _refuse("webhook delivery is not supported by this server yet; poll fetch_result instead")
+        if self.webhook is not None:
+            self.webhook = self.webhook.strip() or None
+        if self.webhook and urlsplit(self.webhook).scheme.lower() not in ("http", "https"):
+            raise _refuse("webhook must be an http or https URL")
         return self
 
     def _request(self, server: str, model: str, task: str, **extra: Any) -> GenerationRequest:
@@ -87,7 +90,8 @@ class GenerationBody(BaseModel):
             strength=self.strength, true_cfg_scale=self.true_cfg_scale,
             safety_checker=True if self.safety_checker is None else self.safety_checker,
             base64=bool(self.base64), instant_response=bool(self.instant_response),
-            temp=bool(self.temp), enhance_prompt=self.enhance_prompt, track_id=self.track_id, **extra,
+            temp=bool(self.temp), enhance_prompt=self.enhance_prompt, track_id=self.track_id,
+            webhook=self.webhook, **extra,
         )
 
 

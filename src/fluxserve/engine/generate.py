@@ -15,6 +15,21 @@ from fluxserve.params import JobParams
 MAX_REFERENCE_AREA = 1024 * 1024
 
 
+class JobAborted(RuntimeError):
+    """Raised from the step callback to stop a generation whose job is no longer ours."""
+
+
+def _step_callback(progress, image_index: int, n_images: int):
+    """A diffusers ``callback_on_step_end`` reporting (step done, steps in all) across images."""
+
+    def callback(pipeline, step, _timestep, callback_kwargs):
+        per_image = max(1, int(getattr(pipeline, "num_timesteps", 0) or step + 1))
+        progress(image_index * per_image + step + 1, n_images * per_image)
+        return callback_kwargs
+
+    return callback
+
+
 def _generator(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)
 
@@ -58,15 +73,22 @@ class Generator:
         self.pipelines = pipelines
 
     def run(
-        self, spec: ModelSpec, params: JobParams, references: list[Image.Image], second: Image.Image | None = None
+        self, spec: ModelSpec, params: JobParams, references: list[Image.Image], second: Image.Image | None = None,
+        progress=None,
     ) -> list[Image.Image]:
+        """One image per seed. ``progress(step, total)`` is called after each denoising step and
+        may raise ``JobAborted`` to stop."""
         if params.task == "img2img" and params.strength == 0:
             # strength 0 means "identical to the input": no denoising step would run
             same = references[0].resize((params.width, params.height), Image.LANCZOS)
             return [same.copy() for _ in params.seeds]
         call = self._call_for(spec, params, references, second)
-        return [_crop_to(call(_generator(seed)).images[0].convert("RGB"), params.width, params.height)
-                for seed in params.seeds]
+        images = []
+        for index, seed in enumerate(params.seeds):
+            extra = {"callback_on_step_end": _step_callback(progress, index, len(params.seeds))} if progress else {}
+            image = call(_generator(seed), **extra).images[0]
+            images.append(_crop_to(image.convert("RGB"), params.width, params.height))
+        return images
 
     def _call_for(self, spec, params, references, second):
         """A function of one generator that runs the right pipeline with everything else bound."""
@@ -79,26 +101,26 @@ class Generator:
         blank_mask = Image.new("L", (width, height), 255)
         if spec.pipeline == "Flux2KleinPipeline":
             if params.task == "text2img":
-                return lambda g: self.pipelines.get(spec)(generator=g, **common)
+                return lambda g, **kw: self.pipelines.get(spec)(generator=g, **common, **kw)
             references = [_fit_area(ref, MAX_REFERENCE_AREA) for ref in references]
             if not partial_denoise:
-                return lambda g: self.pipelines.get(spec)(image=references, generator=g, **common)
+                return lambda g, **kw: self.pipelines.get(spec)(image=references, generator=g, **common, **kw)
             start = references[0].resize((width, height), Image.LANCZOS)
             inpaint = self.pipelines.get(spec, "Flux2KleinInpaintPipeline")
-            return lambda g: inpaint(image=start, image_reference=references, mask_image=blank_mask,
-                                     strength=params.strength, generator=g, **common)
+            return lambda g, **kw: inpaint(image=start, image_reference=references, mask_image=blank_mask,
+                                     strength=params.strength, generator=g, **common, **kw)
         flux1 = dict(common, negative_prompt=params.negative_prompt, true_cfg_scale=params.true_cfg_scale)
         if spec.pipeline == "FluxImg2ImgPipeline":
             start = references[0].resize((width, height), Image.LANCZOS)
-            return lambda g: self.pipelines.get(spec)(image=start, strength=params.strength, generator=g, **flux1)
+            return lambda g, **kw: self.pipelines.get(spec)(image=start, strength=params.strength, generator=g, **flux1, **kw)
         if spec.pipeline == "FluxKontextPipeline":
             reference = side_by_side(references[0], second) if second is not None else references[0]
             reference = _fit_area(reference, MAX_REFERENCE_AREA)
             kontext = dict(flux1, max_area=height * width, _auto_resize=False)
             if not partial_denoise:
-                return lambda g: self.pipelines.get(spec)(image=reference, generator=g, **kontext)
+                return lambda g, **kw: self.pipelines.get(spec)(image=reference, generator=g, **kontext, **kw)
             start = references[0].resize((width, height), Image.LANCZOS)
             inpaint = self.pipelines.get(spec, "FluxKontextInpaintPipeline")
-            return lambda g: inpaint(image=start, image_reference=reference, mask_image=blank_mask,
-                                     strength=params.strength, generator=g, **kontext)
+            return lambda g, **kw: inpaint(image=start, image_reference=reference, mask_image=blank_mask,
+                                     strength=params.strength, generator=g, **kontext, **kw)
         raise ValueError(f"no generation code for pipeline {spec.pipeline}")

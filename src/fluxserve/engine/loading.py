@@ -100,7 +100,16 @@ class PipelineCache:
             return [f"{cls}:{source}" for cls, source in self._pipelines]
 
     def clear(self) -> None:
+        """Drop every cached pipeline and give their GPU memory back."""
         with self._lock:
             self._pipelines.clear()
+        self.release_memory()
+
+    @staticmethod
+    def release_memory() -> None:
+        """Return cached-but-unused GPU memory (after an out-of-memory error, for one)."""
+        import gc
+
+        gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

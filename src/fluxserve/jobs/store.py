@@ -157,6 +157,8 @@ class JobStore:
             ).rowcount
             if changed:
                 job = session.get(Job, job_id)
+                if payload is None and status is JobStatus.SUCCEEDED and job.webhook:
+                    raise ValueError("succeed() needs the webhook payload for a job with a webhook")  # rolls back
                 self._queue_webhook(session, job, payload or failure_payload(job, job.error or "failed"))
         return bool(changed)
 
@@ -197,27 +199,36 @@ class JobStore:
         """Running jobs whose worker stopped heart-beating (it died) go back to the queue, or
         fail with a clear message once they used ``max_attempts`` tries. Returns (requeued, failed)."""
         cutoff = utcnow() - timedelta(seconds=lease_seconds)
-        requeued, failed = [], []
         with self._sessions() as session:
             stale = list(session.scalars(
                 select(Job).where(Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < cutoff)
             ))
+        requeued, failed = [], []
         for job in stale:
-            with self._sessions.begin() as session:
-                guard = update(Job).where(
-                    Job.id == job.id, Job.status == JobStatus.RUNNING.value, Job.claim_token == job.claim_token
-                )
-                if job.attempts >= max_attempts:
-                    message = (f"Generation was interrupted {job.attempts} times (the worker stopped); "
-                               "giving up. Please try again.")
-                    if session.execute(guard.values(
-                        status=JobStatus.FAILED.value, finished_at=utcnow(), claim_token=None, error=message
-                    )).rowcount:
-                        self._queue_webhook(session, session.get(Job, job.id), failure_payload(job, message))
-                        failed.append(job.id)
-                elif session.execute(guard.values(status=JobStatus.QUEUED.value, claim_token=None)).rowcount:
-                    requeued.append(job.id)
+            outcome = self.recover(job.id, job.claim_token, max_attempts)
+            (requeued if outcome == "requeued" else failed if outcome == "failed" else []).append(job.id)
         return requeued, failed
+
+    def recover(self, job_id: int, token: str, max_attempts: int) -> str | None:
+        """Take back a running job whose worker is known to be dead: "requeued", "failed" (out
+        of attempts), or None if that attempt was not running any more."""
+        with self._sessions.begin() as session:
+            job = session.get(Job, job_id)
+            guard = update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.claim_token == token)
+            if job is None:
+                return None
+            if job.attempts >= max_attempts:
+                message = (f"Generation was interrupted {job.attempts} times (the worker stopped); "
+                           "giving up. Please try again.")
+                if session.execute(guard.values(
+                    status=JobStatus.FAILED.value, finished_at=utcnow(), claim_token=None, error=message
+                )).rowcount:
+                    self._queue_webhook(session, job, failure_payload(job, message))
+                    return "failed"
+                return None
+            if session.execute(guard.values(status=JobStatus.QUEUED.value, claim_token=None)).rowcount:
+                return "requeued"
+            return None
 
     # -- retention -----------------------------------------------------------------------------
     def due_for_expiry(self, now: datetime | None = None, limit: int = 200) -> list[Job]:
@@ -231,7 +242,10 @@ class JobStore:
 
     def mark_expired(self, job_id: int) -> None:
         with self._sessions.begin() as session:
-            session.execute(update(Job).where(Job.id == job_id).values(expired_at=utcnow()))
+            session.execute(
+                update(Job).where(Job.id == job_id, Job.expired_at.is_(None), Job.status == JobStatus.SUCCEEDED.value)
+                .values(expired_at=utcnow())
+            )
 
     def active_inputs(self) -> set[str]:
         """Init image files still needed by queued or running jobs."""

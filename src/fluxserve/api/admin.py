@@ -1,0 +1,122 @@
+"""The enterprise admin endpoints (admin keys only), health and Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+
+from fluxserve.api.deps import AdminKey, ServicesDep
+from fluxserve.api.errors import ApiError
+
+admin = APIRouter(prefix="/api/v1/enterprise", tags=["enterprise admin"])
+ops = APIRouter(tags=["operations"])
+
+# Each ModelsLab enterprise "server" is one GPU box; here they share one worker and one queue.
+SERVERS = ("flux_klein", "realtime", "flux", "images")
+RELOADABLE = {"model_overrides", "nsfw_threshold", "sync_wait_seconds", "max_queued_per_key", "retention_seconds",
+              "lease_seconds", "heartbeat_seconds", "max_job_attempts", "device", "webhook_timeout_seconds",
+              "max_init_image_bytes", "init_image_timeout_seconds"}
+
+
+def _check_server(server: str) -> None:
+    if server not in SERVERS:
+        raise ApiError(404, "Not found")
+
+
+def _host(services):
+    if services.host is None:
+        raise ApiError(503, "Service temporarily unavailable")
+    return services.host
+
+
+@admin.post("/{server}/system_details")
+async def system_details(server: str, _key: AdminKey, services: ServicesDep) -> dict:
+    _check_server(server)
+    jobs = services.generation.jobs
+    status = services.worker_status()
+    queue_depth, running, queue_time = await asyncio.gather(
+        run_in_threadpool(jobs.queue_depth), run_in_threadpool(jobs.running_count),
+        run_in_threadpool(jobs.oldest_queued_age),
+    )
+    models = status.get("models_loaded", [])
+    return {
+        "status": "ok",
+        "model_count": len(models),
+        "models_loaded": models,
+        "models_available": services.generation.registry.names(),
+        "queue_depth": queue_depth,
+        "running": running,
+        "queue_time": round(queue_time, 2),
+        "device": status.get("device"),
+        "gpu_memory": status.get("gpu_memory"),
+        "worker": _host(services).describe(),
+    }
+
+
+@admin.post("/{server}/clear_cache")
+async def clear_cache(server: str, _key: AdminKey, services: ServicesDep) -> dict:
+    _check_server(server)
+    _host(services).command("clear_cache")  # runs between jobs, never under a running one
+    return {"status": "success", "message": "Cache cleared successfully"}
+
+
+@admin.post("/{server}/clear_queue")
+async def clear_queue(server: str, _key: AdminKey, services: ServicesDep) -> dict:
+    _check_server(server)
+    cancelled = await run_in_threadpool(services.generation.jobs.cancel_queued)
+    for job_id in cancelled:
+        services.generation.events.job_changed(job_id)
+    return {"status": "success", "message": f"Queue cleared: {len(cancelled)} queued requests cancelled",
+            "cancelled": cancelled}
+
+
+@admin.post("/{server}/restart_server")
+async def restart_server(server: str, _key: AdminKey, services: ServicesDep) -> dict:
+    _check_server(server)
+    _host(services).restart()
+    return {"status": "success", "message": "Worker restarting: models reload on next use; queued requests are kept"}
+
+
+@admin.post("/{server}/update_server")
+@admin.post("/{server}/update")
+async def update_server(server: str, _key: AdminKey, services: ServicesDep) -> dict:
+    """Re-read the configuration (environment file + variables) and apply what can change live."""
+    _check_server(server)
+    if services.reload_settings is None:
+        raise ApiError(503, "Configuration reload is not available")
+    generation = services.generation
+    old = generation.settings
+    try:
+        new = await run_in_threadpool(services.reload_settings)
+        from fluxserve.models import Registry
+
+        registry = Registry.build(new.model_overrides, tiny_root=old.tiny_models_dir if new.models == "tiny" else None)
+    except ValueError as exc:
+        raise ApiError(400, f"Configuration is invalid; nothing was changed: {exc}") from None
+    changed = sorted(name for name in type(old).model_fields if getattr(old, name) != getattr(new, name))
+    applied = [name for name in changed if name in RELOADABLE]
+    needs_restart = [name for name in changed if name not in RELOADABLE]
+    if applied:
+        live = old.model_copy(update={name: getattr(new, name) for name in applied})
+        generation.settings, generation.registry = live, registry
+        _host(services).restart(live)
+    return {"status": "success", "message": "Configuration reloaded", "applied": applied,
+            "needs_process_restart": needs_restart}
+
+
+@ops.get("/health")
+async def health(services: ServicesDep) -> JSONResponse:
+    worker = services.host.describe() if services.host else {"alive": False}
+    depth = await run_in_threadpool(services.generation.jobs.queue_depth)
+    healthy = bool(worker.get("alive"))
+    return JSONResponse({"status": "ok" if healthy else "degraded", "worker": worker, "queue_depth": depth},
+                        status_code=200 if healthy else 503)
+
+
+@ops.get("/metrics")
+async def metrics(services: ServicesDep) -> Response:
+    body = await run_in_threadpool(services.generation.metrics.render)
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -1,0 +1,260 @@
+"""Hosting the GPU worker: in a thread of the server, or in a child process that the server
+restarts when it dies, so that a CUDA crash or a hard out-of-memory kills one job attempt,
+not the API. Either way the worker reports through ``WorkerLink``, which lives in the server
+process: it wakes waiting requests, feeds metrics and keeps the worker's last status."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import queue
+import threading
+import time
+from typing import Any
+
+from fluxserve.config import Settings
+from fluxserve.events import JobEvents
+from fluxserve.jobs.store import JobStore
+from fluxserve.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class WorkerLink:
+    """The server-side end of the worker's reports (implements ``worker.WorkerSink``)."""
+
+    def __init__(self, events: JobEvents, metrics: Metrics):
+        self.events = events
+        self.metrics = metrics
+        self.current: tuple[int, str] | None = None  # (job id, claim token) being run
+        self.last_status: dict[str, Any] = {}
+
+    def job_started(self, job_id: int, token: str) -> None:
+        self.current = (job_id, token)
+        self.events.job_changed(job_id)
+
+    def job_finished(self, job_id: int, outcome: str, generation_time: float | None, queue_time: float) -> None:
+        if self.current and self.current[0] == job_id:
+            self.current = None
+        self.metrics.jobs_finished.labels(outcome).inc()
+        if outcome == "succeeded" and generation_time is not None:
+            self.metrics.generation_seconds.observe(generation_time)
+            self.metrics.queue_seconds.observe(queue_time)
+        self.events.job_changed(job_id)
+
+    def status(self, status: dict[str, Any]) -> None:
+        self.last_status = status
+        self.metrics.set_gpu_memory(status.get("gpu_memory"))
+
+
+class _QueueSink:
+    """The child process's end: reports travel to the server over a multiprocessing queue."""
+
+    def __init__(self, reports: Any):
+        self.reports = reports
+
+    def job_started(self, job_id: int, token: str) -> None:
+        self.reports.put(("job_started", (job_id, token)))
+
+    def job_finished(self, job_id: int, outcome: str, generation_time: float | None, queue_time: float) -> None:
+        self.reports.put(("job_finished", (job_id, outcome, generation_time, queue_time)))
+
+    def status(self, status: dict[str, Any]) -> None:
+        self.reports.put(("status", (status,)))
+
+
+class ThreadWorkerHost:
+    """The worker as a thread of the server process (simple; a hard crash takes the server too)."""
+
+    mode = "thread"
+
+    def __init__(self, settings: Settings, link: WorkerLink, jobs: JobStore):
+        self.settings, self.link, self.jobs = settings, link, jobs
+        self.commands: queue.Queue[str] = queue.Queue()
+        self.worker = None
+
+    def start(self) -> None:
+        from fluxserve.runtime import build_worker
+
+        self.worker = build_worker(self.settings, sink=self.link, commands=self.commands)
+        self.worker.start()
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+
+    def wake(self) -> None:
+        self.commands.put("wake")
+
+    def command(self, name: str) -> None:
+        self.commands.put(name)
+
+    def restart(self, settings: Settings | None = None) -> None:
+        """Models are dropped and load again on next use; queued jobs stay in the store."""
+        if settings is not None and settings != self.settings:
+            self.stop()
+            self.settings = settings
+            self.start()
+        else:
+            self.command("clear_cache")
+
+    def describe(self) -> dict[str, Any]:
+        alive = self.worker is not None and self.worker._thread is not None and self.worker._thread.is_alive()
+        return {"mode": self.mode, "alive": alive, "pid": os.getpid(), "restarts": 0}
+
+
+def _child_main(settings_data: dict[str, Any], reports: Any, commands: Any, parent_pid: int) -> None:
+    """Entry point of the worker process."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s worker[%(process)d] %(name)s: %(message)s")
+
+    def exit_with_parent() -> None:  # never outlive the server (e.g. after kill -9 of the server)
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(70)
+            time.sleep(0.5)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
+    from fluxserve.runtime import build_worker
+
+    worker = build_worker(Settings(**settings_data), sink=_QueueSink(reports), commands=commands)
+    worker.run()
+
+
+class ProcessWorkerHost:
+    """The worker in a spawned child process, restarted (with backoff) whenever it dies. The job
+    it was running is requeued at once (or failed after ``max_job_attempts``)."""
+
+    mode = "process"
+
+    def __init__(self, settings: Settings, link: WorkerLink, jobs: JobStore):
+        self.settings, self.link, self.jobs = settings, link, jobs
+        self._context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        self._process = None
+        self._reports = None
+        self._commands = None
+        self._stopping = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.restarts = 0
+        self._deaths: list[float] = []
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._spawn()
+        self._monitor = threading.Thread(target=self._watch, name="fluxserve-worker-monitor", daemon=True)
+        self._monitor.start()
+
+    def _spawn(self) -> None:
+        with self._lock:
+            self._reports = self._context.Queue()
+            self._commands = self._context.Queue()
+            self._process = self._context.Process(
+                target=_child_main, name="fluxserve-worker",
+                args=(self.settings.model_dump(mode="json"), self._reports, self._commands, os.getpid()),
+                daemon=True,
+            )
+            self._process.start()
+            log.info("worker process started (pid %s)", self._process.pid)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self._stopping.set()
+        self._stop_process(timeout)
+        if self._monitor is not None:
+            self._monitor.join(5)
+
+    def _stop_process(self, timeout: float) -> None:
+        process = self._process
+        if process is None or not process.is_alive():
+            return
+        self._commands.put("stop")  # finishes the job in hand first
+        process.join(timeout)
+        if process.is_alive():
+            log.warning("worker did not stop within %.0fs; terminating it", timeout)
+            process.terminate()
+            process.join(5)
+        if process.is_alive():
+            process.kill()
+            process.join(5)
+
+    def wake(self) -> None:
+        self.command("wake")
+
+    def command(self, name: str) -> None:
+        try:
+            self._commands.put(name)
+        except (AttributeError, ValueError, OSError):  # no live process right now
+            pass
+
+    def restart(self, settings: Settings | None = None) -> None:
+        """A fresh worker process (new settings, models loaded anew); queued jobs stay queued."""
+        def _restart() -> None:
+            with self._restarting():
+                if settings is not None:
+                    self.settings = settings
+                self._stop_process(timeout=120)
+                self._spawn()
+
+        threading.Thread(target=_restart, name="fluxserve-worker-restart", daemon=True).start()
+
+    def _restarting(self):
+        host = self
+
+        class _Guard:
+            def __enter__(self):
+                host._planned_restart = True
+
+            def __exit__(self, *_exc):
+                host._planned_restart = False
+
+        return _Guard()
+
+    _planned_restart = False
+
+    def describe(self) -> dict[str, Any]:
+        process = self._process
+        return {"mode": self.mode, "alive": bool(process and process.is_alive()),
+                "pid": process.pid if process else None, "restarts": self.restarts}
+
+    # -- monitoring -----------------------------------------------------------------------------
+    def _watch(self) -> None:
+        while not self._stopping.is_set():
+            self._relay_reports()
+            process = self._process
+            if process is not None and not process.is_alive() and not self._planned_restart and not self._stopping.is_set():
+                self._on_death(process)
+
+    def _relay_reports(self) -> None:
+        try:
+            kind, args = self._reports.get(timeout=0.2)
+        except (queue.Empty, OSError, EOFError, ValueError):
+            return
+        try:
+            getattr(self.link, kind)(*args)
+        except Exception:  # noqa: BLE001
+            log.exception("handling worker report %s failed", kind)
+
+    def _on_death(self, process) -> None:
+        log.error("worker process %s died (exit code %s)", process.pid, process.exitcode)
+        while True:  # reports sent just before dying still count
+            try:
+                kind, args = self._reports.get_nowait()
+                getattr(self.link, kind)(*args)
+            except (queue.Empty, OSError, EOFError, ValueError):
+                break
+        current, self.link.current = self.link.current, None
+        if current is not None:
+            job_id, token = current
+            outcome = self.jobs.recover(job_id, token, self.settings.max_job_attempts)
+            log.warning("job %s was running in the dead worker: %s", job_id, outcome)
+            if outcome == "failed":
+                self.link.job_finished(job_id, "failed", None, 0.0)
+            self.link.events.job_changed(job_id)
+        now = time.monotonic()
+        self._deaths = [t for t in self._deaths if now - t < 60] + [now]
+        backoff = min(30.0, 0.5 * 2 ** (len(self._deaths) - 1))  # crash loops slow down
+        if self._stopping.wait(backoff):
+            return
+        self.restarts += 1
+        self.link.metrics.worker_restarts.inc()
+        self._spawn()

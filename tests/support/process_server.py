@@ -1,0 +1,100 @@
+"""A real ``fluxserve serve`` in a subprocess (worker in its own child process), which tests and
+the reliability benchmark kill -9 and start again on the same data directory."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.support.servers import free_port
+
+FLUXSERVE = str(Path(sys.executable).parent / "fluxserve")
+
+
+class ServerProcess:
+    def __init__(self, data_dir: Path, tiny_root: Path | None = None, **env: str):
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if tiny_root is not None and not (data_dir / "tiny-models").exists():
+            (data_dir / "tiny-models").symlink_to(tiny_root, target_is_directory=True)
+        self.env = {**os.environ, "FLUXSERVE_DATA_DIR": str(data_dir), "FLUXSERVE_MODELS": "tiny",
+                    "FLUXSERVE_WORKER": "process", "FLUXSERVE_PORT": str(self.port), "HF_HUB_OFFLINE": "1", **env}
+        self.process: subprocess.Popen | None = None
+        self.log_path = data_dir / "server.log"
+
+    def create_key(self, name: str = "test", admin: bool = False) -> str:
+        args = [FLUXSERVE, "keys", "create", name] + (["--admin"] if admin else [])
+        return subprocess.run(args, env=self.env, check=True, capture_output=True, text=True).stdout.strip()
+
+    def start(self, timeout: float = 120.0) -> None:
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen([FLUXSERVE, "serve", "--log-level", "warning"], env=self.env,
+                                        stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log()}")
+            try:
+                health = httpx.get(f"{self.base_url}/health", timeout=2)
+                if health.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server did not become healthy: {self.log()}")
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.base_url}/health", timeout=5).json()
+
+    def worker_pid(self) -> int:
+        return self.health()["worker"]["pid"]
+
+    def kill_worker(self) -> int:
+        pid = self.worker_pid()
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def kill(self) -> None:
+        """kill -9 the server; its worker child notices its parent is gone and exits."""
+        worker = None
+        try:
+            worker = self.worker_pid()
+        except httpx.HTTPError:
+            pass
+        self.process.kill()
+        self.process.wait(10)
+        if worker is not None:  # wait for the orphaned worker to exit by itself
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and _alive(worker):
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie still "exists": read its state
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
