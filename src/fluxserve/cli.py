@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -20,8 +21,11 @@ DataDir = Annotated[Optional[Path], typer.Option(help="Data directory [env FLUXS
 DatabaseUrl = Annotated[Optional[str], typer.Option(help="SQLAlchemy URL [env FLUXSERVE_DATABASE_URL].")]
 
 
-def _settings(**overrides) -> Settings:
-    return Settings(**{name: value for name, value in overrides.items() if value is not None})
+def _settings(env_file: Path | None = None, **overrides) -> Settings:
+    """Flags over environment over the env file (FLUXSERVE_ENV_FILE) over defaults."""
+    env_file = env_file or os.environ.get("FLUXSERVE_ENV_FILE") or None
+    given = {name: value for name, value in overrides.items() if value is not None}
+    return Settings(_env_file=env_file, **given) if env_file else Settings(**given)
 
 
 def _key_store(data_dir: Path | None, database_url: str | None):
@@ -40,6 +44,8 @@ def serve(
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
     public_base_url: Annotated[Optional[str], typer.Option(help="Base of returned URLs [env FLUXSERVE_PUBLIC_BASE_URL].")] = None,
+    worker: Annotated[Optional[str], typer.Option(help="process | thread [env FLUXSERVE_WORKER].")] = None,
+    env_file: Annotated[Optional[Path], typer.Option(help="Settings file re-read by update_server [env FLUXSERVE_ENV_FILE].")] = None,
     log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
 ) -> None:
     """Run the API server with its GPU worker (embedded default: SQLite + local disk)."""
@@ -48,11 +54,10 @@ def serve(
     from fluxserve.runtime import build_server_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = _settings(
-        host=host, port=port, models=models, data_dir=data_dir, database_url=database_url,
-        public_base_url=public_base_url,
-    )
-    app_ = build_server_app(settings)
+    flags = dict(host=host, port=port, models=models, data_dir=data_dir, database_url=database_url,
+                 public_base_url=public_base_url, worker=worker)
+    settings = _settings(env_file, **flags)
+    app_ = build_server_app(settings, reload_settings=lambda: _settings(env_file, **flags))
     if not _key_store(settings.data_dir, settings.database_url).list():
         logging.getLogger("fluxserve").warning("no API keys yet: create one with `fluxserve keys create NAME`")
     uvicorn.run(app_, host=settings.host, port=settings.port, log_level=log_level)

@@ -57,10 +57,19 @@ class ServerProcess:
     def worker_pid(self) -> int:
         return self.health()["worker"]["pid"]
 
-    def kill_worker(self) -> int:
-        pid = self.worker_pid()
-        os.kill(pid, signal.SIGKILL)
-        return pid
+    def kill_worker(self, timeout: float = 60.0) -> int:
+        """kill -9 the worker process (waiting first until one is alive: it may be restarting)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            worker = self.health()["worker"]
+            if worker["alive"]:
+                try:
+                    os.kill(worker["pid"], signal.SIGKILL)
+                    return worker["pid"]
+                except ProcessLookupError:
+                    pass  # died between the two calls; wait for its successor
+            time.sleep(0.1)
+        raise RuntimeError("no live worker to kill")
 
     def kill(self) -> None:
         """kill -9 the server; its worker child notices its parent is gone and exits."""

@@ -34,6 +34,7 @@ class LiveServer:
     base_url: str
     key: str  # a user key
     other_key: str  # a second user's key
+    admin_key: str
     jobs: JobStore
     keys: KeyStore
 
@@ -50,8 +51,9 @@ class LiveServer:
 
 
 @contextmanager
-def live_server(data_dir: Path, tiny_root: Path, **overrides) -> LiveServer:
-    """Serve the tiny models from ``data_dir`` (reusing the tiny build at ``tiny_root``)."""
+def live_server(data_dir: Path, tiny_root: Path, env_file: Path | None = None, **overrides) -> LiveServer:
+    """Serve the tiny models from ``data_dir`` (reusing the tiny build at ``tiny_root``); with
+    ``env_file``, update_server re-reads it."""
     port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     link = data_dir / "tiny-models"
@@ -61,7 +63,10 @@ def live_server(data_dir: Path, tiny_root: Path, **overrides) -> LiveServer:
     settings = Settings(data_dir=data_dir, port=port, models="tiny", **overrides)
     sessions = open_database(settings.resolved_database_url)
     keys = KeyStore(sessions)
-    server = uvicorn.Server(uvicorn.Config(build_server_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    fixed = dict(data_dir=data_dir, port=port, models="tiny", **overrides)
+    reload = (lambda: Settings(_env_file=env_file, **fixed)) if env_file else None
+    app = build_server_app(settings, reload_settings=reload)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -72,7 +77,8 @@ def live_server(data_dir: Path, tiny_root: Path, **overrides) -> LiveServer:
     try:
         yield LiveServer(
             settings=settings, base_url=f"http://127.0.0.1:{port}", key=keys.create("test")[1],
-            other_key=keys.create("other")[1], jobs=JobStore(sessions), keys=keys,
+            other_key=keys.create("other")[1], admin_key=keys.create("admin", admin=True)[1],
+            jobs=JobStore(sessions), keys=keys,
         )
     finally:
         server.should_exit = True

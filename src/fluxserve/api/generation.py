@@ -71,9 +71,9 @@ class GenerationService:
         return spec
 
     async def _check_queue_limit(self, key: ApiKey) -> None:
-        """ModelsLab's rule: a key may have a bounded number of queued requests (FIFO)."""
+        """ModelsLab's rule: a key may have a bounded number of unfinished requests (FIFO)."""
         limit = self.settings.max_queued_per_key
-        queued = await run_in_threadpool(self.jobs.queued_count, key.id)
+        queued = await run_in_threadpool(self.jobs.active_count, key.id)
         if queued >= limit:
             self.metrics.rejected.labels("queue_limit").inc()
             per_job = await run_in_threadpool(self.jobs.recent_generation_time) or 5.0

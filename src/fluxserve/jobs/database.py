@@ -55,4 +55,9 @@ def upgrade_schema(engine: Engine) -> list[str]:
                     ddl += f" DEFAULT {column.server_default.arg.text}"
                 connection.exec_driver_sql(ddl)
                 added.append(f"{table.name}.{column.name}")
+            present_indexes = {index["name"] for index in inspect(connection).get_indexes(table.name)}
+            for index in table.indexes:
+                if index.name not in present_indexes:
+                    index.create(connection)
+                    added.append(index.name)
     return added

@@ -13,13 +13,18 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from fluxserve.jobs.status import DeliveryStatus, JobStatus
 from fluxserve.jobs.tables import Job, WebhookDelivery, utcnow
 
 ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+
+
+def _silent_since(cutoff: datetime):
+    """No heartbeat since ``cutoff`` (NULL: claimed by a release that did not beat)."""
+    return or_(Job.heartbeat_at < cutoff, Job.heartbeat_at.is_(None))
 
 
 def failure_payload(job: Job, message: str) -> dict[str, Any]:
@@ -58,6 +63,13 @@ class JobStore:
             query = query.where(Job.key_id == key_id)
         with self._sessions() as session:
             return session.scalar(query) or 0
+
+    def active_count(self, key_id: int) -> int:
+        """A key's unfinished (queued or running) jobs: what the per-key limit counts."""
+        with self._sessions() as session:
+            return session.scalar(
+                select(func.count()).select_from(Job).where(Job.status.in_(ACTIVE), Job.key_id == key_id)
+            ) or 0
 
     def queue_depth(self) -> int:
         return self.queued_count()
@@ -114,7 +126,7 @@ class JobStore:
                     .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
                     .values(
                         status=JobStatus.RUNNING.value, started_at=now, heartbeat_at=now,
-                        claim_token=str(uuid.uuid4()), attempts=Job.attempts + 1, progress_step=0,
+                        claim_token=str(uuid.uuid4()), attempts=Job.attempts + 1, progress_step=0, progress_total=0,
                     )
                 ).rowcount
             if claimed:  # another worker may have won the race: then try the next one
@@ -159,7 +171,7 @@ class JobStore:
                 job = session.get(Job, job_id)
                 if payload is None and status is JobStatus.SUCCEEDED and job.webhook:
                     raise ValueError("succeed() needs the webhook payload for a job with a webhook")  # rolls back
-                self._queue_webhook(session, job, payload or failure_payload(job, job.error or "failed"))
+                self._queue_webhook(session, job, payload if payload is not None else failure_payload(job, job.error or "failed"))
         return bool(changed)
 
     def _queue_webhook(self, session: Session, job: Job, payload: dict[str, Any]) -> None:
@@ -200,21 +212,24 @@ class JobStore:
         fail with a clear message once they used ``max_attempts`` tries. Returns (requeued, failed)."""
         cutoff = utcnow() - timedelta(seconds=lease_seconds)
         with self._sessions() as session:
-            stale = list(session.scalars(
-                select(Job).where(Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < cutoff)
-            ))
+            stale = list(session.scalars(select(Job).where(Job.status == JobStatus.RUNNING.value, _silent_since(cutoff))))
         requeued, failed = [], []
         for job in stale:
-            outcome = self.recover(job.id, job.claim_token, max_attempts)
+            outcome = self.recover(job.id, job.claim_token, max_attempts, silent_since=cutoff)
             (requeued if outcome == "requeued" else failed if outcome == "failed" else []).append(job.id)
         return requeued, failed
 
-    def recover(self, job_id: int, token: str, max_attempts: int) -> str | None:
-        """Take back a running job whose worker is known to be dead: "requeued", "failed" (out
-        of attempts), or None if that attempt was not running any more."""
+    def recover(
+        self, job_id: int, token: str | None, max_attempts: int, silent_since: datetime | None = None
+    ) -> str | None:
+        """Take back a running job whose worker is dead: "requeued", "failed" (out of attempts),
+        or None if that attempt is not running any more. With ``silent_since``, only if the
+        worker has not beaten since then (it may have woken up meanwhile)."""
         with self._sessions.begin() as session:
             job = session.get(Job, job_id)
             guard = update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.claim_token == token)
+            if silent_since is not None:
+                guard = guard.where(_silent_since(silent_since))
             if job is None:
                 return None
             if job.attempts >= max_attempts:

@@ -1,0 +1,37 @@
+"""The worker's failure handling: out-of-memory fails one job with a clear message, memory is
+released, and the next job runs."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from fluxserve.engine.generate import Generator
+from tests.support.servers import live_server
+
+KLEIN = "/api/v1/enterprise/flux_klein/text2img"
+
+
+def test_out_of_memory_fails_that_job_and_the_next_one_runs(tmp_path, tiny_root, monkeypatch):
+    real_run = Generator.run
+    released = []
+
+    def run(self, spec, params, *args, **kwargs):
+        if params.prompt == "too big":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        return real_run(self, spec, params, *args, **kwargs)
+
+    monkeypatch.setattr(Generator, "run", run)
+    from fluxserve.engine import loading
+
+    monkeypatch.setattr(loading.PipelineCache, "release_memory", staticmethod(lambda: released.append(True)))
+    with live_server(tmp_path, tiny_root) as live, live.client() as client:
+        body = {"key": live.key, "prompt": "too big", "width": 256, "height": 256, "num_inference_steps": 1}
+        failed = client.post(KLEIN, json=body)
+        assert failed.status_code == 500
+        assert failed.json()["message"].startswith("Out of GPU memory while generating; the memory was released.")
+        assert released
+        ok = client.post(KLEIN, json={**body, "prompt": "fine"}).json()
+        assert ok["status"] == "success"
+        assert client.get("/health").json()["worker"]["alive"]
