@@ -59,8 +59,8 @@ def run(jobs: int, kills: int, seed: int, deadline_s: float) -> dict:
                 if what == "server":
                     server.start()
             samples = rng.randint(1, 3)
-            body = {"key": key, "prompt": f"job {index}", "width": 256, "height": 256, "samples": samples,
-                    "num_inference_steps": rng.randint(2, 8), "seed": index, "webhook": receiver.url,
+            body = {"key": key, "prompt": f"job {index}", "width": 512, "height": 512, "samples": samples,
+                    "num_inference_steps": rng.randint(4, 12), "seed": index, "webhook": receiver.url,
                     "safety_checker": False}
             for _ in range(100):  # the server may be restarting: retry until it takes the job
                 try:

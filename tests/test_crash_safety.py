@@ -117,3 +117,35 @@ def test_kill_9_worker_and_server_mid_run_loses_and_duplicates_nothing(tmp_path,
     assert len(expected_files) == sum(submitted.values())
     on_disk = {p.name for p in (tmp_path / "data" / "outputs").iterdir() if not p.name.startswith(".tmp-")}
     assert on_disk == expected_files
+
+
+@pytest.mark.timeout(300)
+def test_restart_server_keeps_queued_jobs_and_a_dead_worker_fails_one_job_cleanly(tmp_path, tiny_root):
+    server = ServerProcess(tmp_path / "data", tiny_root, FLUXSERVE_SYNC_WAIT_SECONDS="0", FLUXSERVE_MAX_JOB_ATTEMPTS="1",
+                           FLUXSERVE_MAX_QUEUED_PER_KEY="100")
+    db_url = f"sqlite:///{(tmp_path / 'data' / 'fluxserve.db').resolve()}"
+    key, admin = server.create_key(), server.create_key("ops", admin=True)
+    server.start()
+    try:
+        with httpx.Client(base_url=server.base_url, timeout=60) as client:
+            body = {"key": key, "prompt": "x", "width": 512, "height": 512, "num_inference_steps": 8, "safety_checker": False}
+            ids = [client.post(KLEIN, json=body).json()["id"] for _ in range(6)]
+            before = server.worker_pid()
+            restarted = client.post("/api/v1/enterprise/realtime/restart_server", json={"key": admin}).json()
+            assert restarted["status"] == "success"
+            wait_until(lambda: statuses(db_url)["succeeded"] == len(ids), 180, "queued jobs to finish after restart")
+            assert server.worker_pid() != before
+            # with one attempt allowed, a worker killed mid-job fails that job with a message
+            victim = client.post(KLEIN, json={**body, "width": 1024, "height": 1024, "num_inference_steps": 40}).json()["id"]
+            wait_until(lambda: statuses(db_url)["running"] == 1, 60, "the job to run")
+            server.kill_worker()
+            wait_until(lambda: statuses(db_url)["failed"] == 1, 60, "the job to fail")
+            answer = client.post(f"/api/v1/enterprise/flux_klein/fetch/{victim}", json={"key": key})
+            assert answer.status_code == 500
+            assert answer.json()["message"].startswith("Generation was interrupted: the worker stopped during all 1 attempt(s)")
+            wait_until(lambda: server.health()["worker"]["alive"], 60, "the worker to come back")
+            after = client.post(KLEIN, json={**body, "width": 256, "height": 256}).json()["id"]
+            wait_until(lambda: statuses(db_url)["succeeded"] == len(ids) + 1, 60, "a job after the crash")
+            assert after > victim
+    finally:
+        server.stop()

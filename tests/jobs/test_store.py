@@ -426,7 +426,7 @@ def test_recover_stale_requeues_only_running_jobs_past_their_lease(store, sessio
     assert store.recover_stale(lease_seconds=60, max_attempts=2) == ([], [first])
     gave_up = store.get(first)
     assert gave_up.status == JobStatus.FAILED.value and gave_up.attempts == 2 and gave_up.claim_token is None
-    assert is_aware_utc(gave_up.finished_at) and "interrupted 2 times" in gave_up.error
+    assert is_aware_utc(gave_up.finished_at) and "during all 2 attempt(s)" in gave_up.error
     assert not succeed(store, first, again.claim_token)
 
     assert [store.get(j).status for j in (second, waiting)] == [JobStatus.QUEUED.value] * 2
@@ -478,7 +478,7 @@ def test_recover_requeues_then_fails_after_max_attempts(store, sessions, key_id)
     token = store.claim_next().claim_token
     assert store.recover(job_id, token, max_attempts=2) == "failed"
     failed = store.get(job_id)
-    message = "Generation was interrupted 2 times (the worker stopped); giving up. Please try again."
+    message = "Generation was interrupted: the worker stopped during all 2 attempt(s); giving up. Please try again."
     assert failed.status == JobStatus.FAILED.value and failed.error == message
     assert failed.attempts == 2 and failed.claim_token is None and is_aware_utc(failed.finished_at)
     assert store.recover(job_id, token, max_attempts=2) is None

@@ -233,8 +233,8 @@ class JobStore:
             if job is None:
                 return None
             if job.attempts >= max_attempts:
-                message = (f"Generation was interrupted {job.attempts} times (the worker stopped); "
-                           "giving up. Please try again.")
+                message = (f"Generation was interrupted: the worker stopped during all {job.attempts} "
+                           "attempt(s); giving up. Please try again.")
                 if session.execute(guard.values(
                     status=JobStatus.FAILED.value, finished_at=utcnow(), claim_token=None, error=message
                 )).rowcount:
