@@ -30,6 +30,17 @@ from tests.test_crash_safety import Receiver
 KLEIN = "/api/v1/enterprise/flux_klein/text2img"
 
 
+def _wait_for_running_job(db_url: str, timeout: float) -> bool:
+    sessions = open_database(db_url)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with sessions() as session:
+            if session.scalar(select(Job.id).where(Job.status == "running").limit(1)) is not None:
+                return True
+        time.sleep(0.05)
+    return False
+
+
 def run(jobs: int, kills: int, seed: int, deadline_s: float) -> dict:
     rng = random.Random(seed)
     work = Path(tempfile.mkdtemp(prefix="fluxserve-reliability-"))
@@ -41,6 +52,7 @@ def run(jobs: int, kills: int, seed: int, deadline_s: float) -> dict:
     key = server.create_key()
     receiver = Receiver()
     server.start()
+    db_url = f"sqlite:///{(work / 'data' / 'fluxserve.db').resolve()}"
     submitted: dict[int, int] = {}
     kill_log: list[str] = []
     started = time.monotonic()
@@ -49,6 +61,8 @@ def run(jobs: int, kills: int, seed: int, deadline_s: float) -> dict:
         for index in range(jobs):
             if kill_at and index == kill_at[0]:
                 kill_at.pop(0)
+                _wait_for_running_job(db_url, timeout=60)  # kill work in progress, not a starting worker
+                time.sleep(rng.uniform(0, 0.3))
                 what = rng.choice(["worker", "server"])
                 try:
                     server.kill_worker() if what == "worker" else server.kill()
@@ -70,7 +84,6 @@ def run(jobs: int, kills: int, seed: int, deadline_s: float) -> dict:
                 except (httpx.HTTPError, KeyError):
                     time.sleep(0.2)
             time.sleep(rng.uniform(0, 0.15))
-    db_url = f"sqlite:///{(work / 'data' / 'fluxserve.db').resolve()}"
     sessions = open_database(db_url)
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:

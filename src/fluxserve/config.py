@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     janitor_interval_seconds: float = Field(60.0, gt=0, description="How often expired files are looked for.")
     webhook_retry_seconds: float = Field(86400.0, gt=0, description="How long a failing webhook is retried.")
     webhook_timeout_seconds: float = Field(10.0, gt=0, description="Connect/read timeout of one webhook POST.")
+    max_body_bytes: int = Field(48 * 1024 * 1024, gt=0, description="Largest request body (data: URIs included).")
+    body_timeout_seconds: float = Field(30.0, gt=0, description="Time a client gets to send its whole body.")
+    rate_limit_per_key: str = Field("600/minute", description='Requests per key ("" for none), limits syntax.')
+    rate_limit_per_address: str = Field("1200/minute", description="Requests per client address under /api/.")
+    cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS (off when empty).")
 
     @field_validator("public_base_url")
     @classmethod

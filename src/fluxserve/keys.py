@@ -36,9 +36,12 @@ class KeyStore:
         return row, plaintext
 
     def authenticate(self, plaintext: str | None) -> ApiKey | None:
-        if not plaintext or not isinstance(plaintext, str):
+        if not plaintext or not isinstance(plaintext, str) or len(plaintext) > 200:
             return None
-        digest = hash_key(plaintext)
+        try:
+            digest = hash_key(plaintext)
+        except UnicodeEncodeError:  # a lone surrogate cannot be any key of ours
+            return None
         with self._sessions() as session:
             row = session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
         if row is None or row.revoked_at is not None:

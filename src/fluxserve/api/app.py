@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from fluxserve import __version__
 from fluxserve.api.admin import admin, ops
@@ -16,6 +17,7 @@ from fluxserve.api.progress import jobs_router
 from fluxserve.api.errors import install_error_handlers
 from fluxserve.api.generation import GenerationService
 from fluxserve.api.json_bodies import JsonBodiesMiddleware
+from fluxserve.api.limits import AddressRateLimitMiddleware, BodyLimitMiddleware, RateLimits
 from fluxserve.api.routes import enterprise, files, v6
 from fluxserve.config import Settings
 from fluxserve.events import JobEvents
@@ -74,7 +76,15 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    rate_limits = RateLimits(settings.rate_limit_per_key, settings.rate_limit_per_address)
+    app.state.rate_limits = rate_limits
+    # added last = runs first: address limit, then body limits, then JSON content type
     app.add_middleware(JsonBodiesMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout_seconds)
+    app.add_middleware(AddressRateLimitMiddleware, limits=rate_limits)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Content-Type", "Key", "Authorization"])
     for router in (enterprise, v6, admin, jobs_router, files, ops):
         app.include_router(router)
     return app

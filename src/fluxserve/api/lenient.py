@@ -76,14 +76,31 @@ def to_bool(value: Any) -> bool | None:
     raise ValueError("must be a boolean (true/false, yes/no, 1/0)")
 
 
+_CONTROL = {chr(c) for c in range(32)} - {"\t", "\n", "\r"} | {chr(127)}
+
+
+def clean_text(text: str) -> str:
+    """Refuse what can't be stored or shown safely: C0 control characters (tab and newlines are
+    fine) and lone surrogates (not encodable as UTF-8)."""
+    if any(ch in _CONTROL for ch in text):
+        raise ValueError("must not contain control characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text") from None
+    return text
+
+
 def to_text(value: Any) -> str | None:
-    """Strings as-is; numbers (e.g. a numeric track_id) as their text."""
+    """Strings as-is (cleaned); numbers (e.g. a numeric track_id) as their text."""
     if value is None:
         return None
     if isinstance(value, bool):
         raise ValueError("must be a string")
-    if isinstance(value, (str, int, float)):
+    if isinstance(value, (int, float)):
         return str(value)
+    if isinstance(value, str):
+        return clean_text(value)
     raise ValueError("must be a string")
 
 
@@ -98,5 +115,5 @@ def to_url_list(value: Any) -> list[str] | None:
             continue
         if not isinstance(item, str):
             raise ValueError("must be an image URL or an array of image URLs")
-        urls.append(item.strip())
+        urls.append(clean_text(item).strip())
     return urls or None

@@ -20,6 +20,9 @@ Text = Annotated[str | None, BeforeValidator(lenient.to_text)]
 Urls = Annotated[list[str] | None, BeforeValidator(lenient.to_url_list)]
 
 MIN_SIDE, MAX_SIDE = 256, 1024
+MAX_PROMPT_CHARS = 8000  # far beyond what the text encoders read (512 tokens); bounds storage
+MAX_LENGTHS = {"track_id": 200, "webhook": 2048, "model_id": 64}  # as stored
+MAX_URL_CHARS = 8192  # http(s) init image URLs (data: URIs are bounded by the body size)
 
 
 def _refuse(message: str) -> PydanticCustomError:
@@ -59,6 +62,12 @@ class GenerationBody(BaseModel):
     def _check_limits(self) -> "GenerationBody":
         if not self.prompt or not self.prompt.strip():
             raise _refuse("prompt is required")
+        for name in ("prompt", "negative_prompt"):
+            if len(getattr(self, name) or "") > MAX_PROMPT_CHARS:
+                raise _refuse(f"{name} is too long (at most {MAX_PROMPT_CHARS} characters)")
+        for name, limit in MAX_LENGTHS.items():
+            if len(getattr(self, name, None) or "") > limit:
+                raise _refuse(f"{name} is too long (at most {limit} characters)")
         for side in ("width", "height"):
             value = getattr(self, side)
             if value is None:
@@ -111,6 +120,8 @@ class _InitImageBody(GenerationBody):
     def _check_init_images(self) -> "_InitImageBody":
         if not self.init_image:
             raise _refuse("init_image is required")
+        if any(len(url) > MAX_URL_CHARS and not url.startswith("data:") for url in self.init_image):
+            raise _refuse(f"init_image URLs must be at most {MAX_URL_CHARS} characters")
         if len(self.init_image) > self.max_init_images:
             raise _refuse(f"init_image accepts at most {self.max_init_images} image URL(s)")
         return self
@@ -147,6 +158,10 @@ class KontextBody(_InitImageBody):
     def _check_kontext(self) -> "KontextBody":
         if not self.model_id:
             raise _refuse("model_id is required")
+        if len(self.model_id) > MAX_LENGTHS["model_id"]:
+            raise _refuse(f"model_id is too long (at most {MAX_LENGTHS['model_id']} characters)")
+        if self.init_image_2 and len(self.init_image_2) > MAX_URL_CHARS and not self.init_image_2.startswith("data:"):
+            raise _refuse(f"init_image_2 URLs must be at most {MAX_URL_CHARS} characters")
         _check_range("guidance", self.guidance, 0, 20)
         return self
 
