@@ -502,6 +502,12 @@ async def _fetch(
             raise FetchError(f"timed out connecting to {_show(target.host)}") from None
         except httpx.ConnectError:
             raise FetchError(f"could not connect to {_show(target.host)}") from None
+        except httpx.InvalidURL:  # httpx builds response.next_request even when not following
+            raise UrlRefused("redirect refused: not a valid URL") from None
+        except httpx.RemoteProtocolError as exc:
+            if "location header" in str(exc).lower():
+                raise UrlRefused("redirect refused: not a valid URL") from None
+            raise FetchError(f"request to {_show(target.host)} failed (RemoteProtocolError)") from None
         except httpx.HTTPError as exc:
             raise FetchError(f"request to {_show(target.host)} failed ({type(exc).__name__})") from None
         try:
