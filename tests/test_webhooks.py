@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 import pytest
+
+from fluxserve.fetching import FetchPolicy
 from sqlalchemy import select, update
 
 from fluxserve import __version__
@@ -189,6 +191,7 @@ def dispatchers():
     def make(sessions, **kwargs):
         kwargs = {"timeout_seconds": 0.5, "poll_seconds": 0.02, "base_backoff_seconds": 0.05,
                   "max_backoff_seconds": 0.2, **kwargs}
+        kwargs.setdefault("fetch_policy", FetchPolicy(allow=("127.0.0.1/32",)))  # receivers are on loopback
         dispatcher = WebhookDispatcher(sessions, **kwargs)
         made.append(dispatcher)
         return dispatcher

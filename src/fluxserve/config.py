@@ -48,6 +48,18 @@ class Settings(BaseSettings):
     rate_limit_per_key: str = Field("600/minute", description='Requests per key ("" for none), limits syntax.')
     rate_limit_per_address: str = Field("1200/minute", description="Requests per client address under /api/.")
     cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS (off when empty).")
+    fetch_allow: list[str] = Field(
+        default_factory=list,
+        description='Hosts or CIDRs that init images and webhooks may reach although private, e.g. ["10.0.0.0/8"].',
+    )
+
+    def fetch_policy(self, max_bytes: int | None = None):
+        from fluxserve.fetching import FetchPolicy
+
+        return FetchPolicy(
+            allow=tuple(self.fetch_allow), max_bytes=max_bytes or self.max_init_image_bytes,
+            connect_timeout=min(5.0, self.init_image_timeout_seconds), read_timeout=self.init_image_timeout_seconds,
+        )
 
     @field_validator("public_base_url")
     @classmethod

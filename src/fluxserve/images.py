@@ -8,10 +8,11 @@ import binascii
 import io
 import struct
 import zlib
-from urllib.parse import urlsplit
 
 import httpx
 from PIL import Image, ImageOps, features
+
+from fluxserve.fetching import FetchError, FetchPolicy, fetch_bytes
 
 MAX_PIXELS = 40_000_000  # refuse decompression bombs before decoding pixels
 MAX_SIDE = 16_384  # and extreme aspects: 1x40M pixels is still a bomb for resizing
@@ -39,30 +40,15 @@ class ImageInputError(ValueError):
     """An init image that could not be fetched or decoded; the message is safe to show."""
 
 
-async def fetch_image_bytes(
-    url: str, *, client: httpx.AsyncClient, max_bytes: int, timeout: float
-) -> bytes:
-    """Bytes of an http(s) URL or a base64 data: URI, stopping at ``max_bytes``."""
+async def fetch_image_bytes(url: str, *, client: httpx.AsyncClient, policy: FetchPolicy) -> bytes:
+    """Bytes of an http(s) URL (checked against SSRF, pinned, size-capped: ``fetching``) or of a
+    base64 data: URI."""
     if url.startswith("data:"):
-        return _decode_data_uri(url, max_bytes)
-    scheme = urlsplit(url).scheme.lower()
-    if scheme not in ("http", "https"):
-        raise ImageInputError("Unable to fetch image from provided URL: only http, https and data: URLs are accepted")
+        return _decode_data_uri(url, policy.max_bytes)
     try:
-        async with client.stream("GET", url, timeout=timeout, follow_redirects=True) as response:
-            if response.status_code != 200:
-                raise ImageInputError(
-                    f"Unable to fetch image from provided URL: it answered HTTP {response.status_code}"
-                )
-            chunks, size = [], 0
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > max_bytes:
-                    raise ImageInputError(f"Unable to fetch image from provided URL: larger than {max_bytes} bytes")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except httpx.HTTPError as exc:
-        raise ImageInputError(f"Unable to fetch image from provided URL: {type(exc).__name__}") from None
+        return await fetch_bytes(url, policy=policy, client=client, allow_data=False)
+    except FetchError as exc:
+        raise ImageInputError(f"Unable to fetch image from provided URL: {exc}") from None
 
 
 def _decode_data_uri(uri: str, max_bytes: int) -> bytes:

@@ -49,6 +49,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from fluxserve import __version__
+from fluxserve.fetching import FetchError, FetchPolicy, Resolver, UrlRefused, check_webhook_url, pinned
 from fluxserve.jobs.status import DeliveryStatus
 from fluxserve.jobs.tables import WebhookDelivery, utcnow
 from fluxserve.keys import KeyStore
@@ -179,9 +180,14 @@ class WebhookDispatcher:
         self, sessions: sessionmaker[Session], *, timeout_seconds: float = 10.0, poll_seconds: float = 0.5,
         max_backoff_seconds: float = 300.0, base_backoff_seconds: float = 1.0,
         on_result: Callable[[str], None] | None = None,
-        batch_size: int = 50, lease_seconds: float | None = None,
+        batch_size: int = 50, lease_seconds: float | None = None, fetch_policy: FetchPolicy | None = None,
+        resolver: Resolver | None = None,
     ):
         self._sessions = sessions
+        # webhook URLs come from strangers: checked (no private/loopback/metadata targets unless
+        # allowlisted) and the connection pinned to the checked address, before every POST
+        self._policy = fetch_policy or FetchPolicy()
+        self._resolver = resolver
         self._keys = KeyStore(sessions)
         self.timeout_seconds = float(timeout_seconds)
         self.poll_seconds = float(poll_seconds)
@@ -195,6 +201,7 @@ class WebhookDispatcher:
         self._client = httpx.Client(
             timeout=httpx.Timeout(self.timeout_seconds),
             follow_redirects=False,
+            trust_env=False,
             limits=httpx.Limits(max_keepalive_connections=0),  # no stale pooled connections
         )
         self._stop = threading.Event()
@@ -307,7 +314,15 @@ class WebhookDispatcher:
         body = serialize(row.payload)  # serialized once: the signature covers exactly these bytes
         headers = build_headers(secret, int(time.time()), body, job_id=row.job_id, delivery_id=row.id)
         try:
-            with self._client.stream("POST", row.url, content=body, headers=headers) as response:
+            target = check_webhook_url(row.url, self._policy, self._resolver)
+        except UrlRefused as exc:
+            return _Result(FAILED, _short(f"webhook URL refused: {exc}"))
+        except FetchError as exc:  # e.g. the name does not resolve right now
+            return _Result(RETRY, _short(f"webhook URL: {exc}"))
+        url, pin_headers, extensions = pinned(target, row.url)
+        try:
+            with self._client.stream("POST", url, content=body, headers={**headers, **pin_headers},
+                                     extensions=extensions) as response:
                 status = response.status_code  # the body is never read: only the status matters
                 retry_after = response.headers.get("retry-after")
         except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:

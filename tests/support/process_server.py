@@ -26,7 +26,8 @@ class ServerProcess:
         if tiny_root is not None and not (data_dir / "tiny-models").exists():
             (data_dir / "tiny-models").symlink_to(tiny_root, target_is_directory=True)
         self.env = {**os.environ, "FLUXSERVE_DATA_DIR": str(data_dir), "FLUXSERVE_MODELS": "tiny",
-                    "FLUXSERVE_WORKER": "process", "FLUXSERVE_PORT": str(self.port), "HF_HUB_OFFLINE": "1", **env}
+                    "FLUXSERVE_WORKER": "process", "FLUXSERVE_PORT": str(self.port), "HF_HUB_OFFLINE": "1",
+                    "FLUXSERVE_FETCH_ALLOW": '["127.0.0.1/32"]', **env}
         self.process: subprocess.Popen | None = None
         self.log_path = data_dir / "server.log"
 

@@ -60,6 +60,7 @@ def live_server(data_dir: Path, tiny_root: Path, env_file: Path | None = None, *
     if not link.exists():
         link.symlink_to(tiny_root, target_is_directory=True)
     overrides.setdefault("worker", "thread")  # fast to start; process mode has its own tests
+    overrides.setdefault("fetch_allow", ["127.0.0.1/32"])  # the test image host and receivers live on loopback
     settings = Settings(data_dir=data_dir, port=port, models="tiny", **overrides)
     sessions = open_database(settings.resolved_database_url)
     keys = KeyStore(sessions)

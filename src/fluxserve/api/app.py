@@ -48,7 +48,12 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with httpx.AsyncClient(headers={"User-Agent": f"fluxserve/{__version__}"}) as http:
+        # dedicated to fetching strangers' URLs: no proxies from the environment, no redirects
+        # followed by httpx (fetching checks each hop), no connection reuse across checked names
+        async with httpx.AsyncClient(
+            headers={"User-Agent": f"fluxserve/{__version__}"}, trust_env=False, follow_redirects=False,
+            limits=httpx.Limits(max_keepalive_connections=0),
+        ) as http:
             app.state.services = Services(
                 generation=GenerationService(
                     settings=settings, registry=registry, jobs=jobs, metrics=metrics,

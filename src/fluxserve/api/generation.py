@@ -86,10 +86,7 @@ class GenerationService:
         """Fetch, decode and keep the init image under the data dir, so the job can be retried
         after a crash without fetching again. Returns the stored file name."""
         try:
-            data = await fetch_image_bytes(
-                url, client=self.http, max_bytes=self.settings.max_init_image_bytes,
-                timeout=self.settings.init_image_timeout_seconds,
-            )
+            data = await fetch_image_bytes(url, client=self.http, policy=self.settings.fetch_policy())
             png = await run_in_threadpool(lambda: encode_png(decode_image(data)))
         except ImageInputError as exc:
             raise ApiError(400, str(exc)) from None
