@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 
 import pytest
 
@@ -45,12 +44,13 @@ def test_body_over_the_cap_while_streaming(strict):
 
 def test_slow_body_is_cut_off(strict):
     host, port = strict.base_url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
+    with socket.create_connection((host, int(port)), timeout=30) as sock:  # a server that waited forever fails here
         sock.sendall(f"POST {KLEIN} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      "Content-Length: 100\r\n\r\n{\"key\":".encode())
-        started = time.monotonic()
-        reply = sock.recv(65536).decode()
-        assert time.monotonic() - started < 8
+        reply = b""
+        while chunk := sock.recv(65536):  # the server answers and closes
+            reply += chunk
+    reply = reply.decode()
     assert reply.startswith("HTTP/1.1 408")
     assert json.loads(reply.split("\r\n\r\n", 1)[1]) == {"status": "error",
                                                          "message": "Request body not received within 1 seconds"}
