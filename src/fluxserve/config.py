@@ -53,6 +53,22 @@ class Settings(BaseSettings):
         description='Hosts or CIDRs that init images and webhooks may reach although private, e.g. ["10.0.0.0/8"].',
     )
 
+    secret_key: str | None = Field(
+        None, description="Encrypts stored S3 secrets; default: generated once into data_dir/secret.key."
+    )
+    s3_default: dict[str, Any] | None = Field(
+        None, description="Server-wide bucket, update_s3 fields as JSON: public_url, endpoint_url, region_name, "
+        "aws_access_key_id, aws_secret_access_key, image_directory (or bucket).",
+    )
+    s3_upload_attempts: int = Field(3, ge=1, description="Tries per image upload before the job fails.")
+    enhance_openai_base_url: str | None = Field(
+        None, description="OpenAI-compatible endpoint for enhance_prompt (default: the klein Qwen3 encoder)."
+    )
+    enhance_openai_model: str = "gpt-4o-mini"
+    enhance_openai_api_key: str | None = None
+    enhance_timeout_seconds: float = Field(10.0, gt=0, description="Bound on one prompt enhancement.")
+    enhance_max_new_tokens: int = Field(120, ge=1, le=512)
+
     def fetch_policy(self, max_bytes: int | None = None):
         from fluxserve.fetching import FetchPolicy
 

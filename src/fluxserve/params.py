@@ -57,6 +57,10 @@ class JobParams:
     input_2: str | None  # Kontext's second reference image file
     safety_checker: bool
     base64: bool
+    # where the images go, fixed when queued so future_links are exact:
+    # None = local disk (expires); {"config_id": N | None, "public_url": ...} = S3 (None: server default)
+    remote: dict[str, Any] | None = None
+    enhance_prompt: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

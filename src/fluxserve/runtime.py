@@ -21,6 +21,34 @@ def build_registry(settings: Settings, *, build_tiny: bool = True) -> Registry:
     return Registry.build(settings.model_overrides, tiny_root=tiny_root)
 
 
+def build_storage(settings: Settings, sessions):
+    """Per-key S3 details (secrets encrypted with the server secret), the server-wide default
+    bucket, and the uploader."""
+    from fluxserve.secretbox import SecretBox, load_or_create_server_secret
+    from fluxserve.storage.configs import StorageConfigs
+    from fluxserve.storage.s3 import S3Details, S3Uploader
+
+    secrets = SecretBox(load_or_create_server_secret(settings.data_dir, settings.secret_key))
+    default = None
+    if settings.s3_default:
+        fields = {"image_directory": "", **settings.s3_default}
+        default = S3Details.from_modelslab(**fields)
+    return StorageConfigs(sessions, secrets, default), S3Uploader(attempts=settings.s3_upload_attempts)
+
+
+def build_enhancer(settings: Settings):
+    from fluxserve.engine.enhance import LocalQwenEnhancer, OpenAIEnhancer, PromptEnhancer
+
+    remote = None
+    if settings.enhance_openai_base_url:
+        remote = OpenAIEnhancer(
+            base_url=settings.enhance_openai_base_url, model=settings.enhance_openai_model,
+            api_key=settings.enhance_openai_api_key, timeout=settings.enhance_timeout_seconds,
+        )
+    local = LocalQwenEnhancer(max_new_tokens=settings.enhance_max_new_tokens, max_seconds=settings.enhance_timeout_seconds)
+    return PromptEnhancer(openai=remote, local=local)
+
+
 def build_worker(settings: Settings, *, sink=None, commands=None):
     """A worker for these settings (thread or child process: see ``supervisor``)."""
     from fluxserve.engine.loading import PipelineCache, pick_device, pick_dtype
@@ -31,9 +59,12 @@ def build_worker(settings: Settings, *, sink=None, commands=None):
     from fluxserve.worker import Worker
 
     device = pick_device(settings.device)
+    sessions = open_database(settings.resolved_database_url)
+    storage_configs, uploader = build_storage(settings, sessions)
     return Worker(
         registry=build_registry(settings, build_tiny=False),
-        jobs=JobStore(open_database(settings.resolved_database_url), webhook_retry_seconds=settings.webhook_retry_seconds),
+        jobs=JobStore(sessions, webhook_retry_seconds=settings.webhook_retry_seconds),
+        storage_configs=storage_configs, uploader=uploader, enhancer=build_enhancer(settings),
         pipelines=PipelineCache(device, pick_dtype(device)), safety=SafetyChecker(settings.nsfw_threshold),
         outputs=LocalStorage(settings.outputs_dir, settings.base_url),
         inputs=LocalStorage(settings.inputs_dir, settings.base_url),
@@ -70,8 +101,9 @@ def build_server_app(settings: Settings, reload_settings=None) -> FastAPI:
             service.stop()
         host.stop()
 
+    storage_configs, uploader = build_storage(settings, sessions)
     return create_app(
-        settings, registry, events=events, metrics=metrics, host=host,
+        settings, registry, events=events, metrics=metrics, host=host, storage=(storage_configs, uploader),
         reload_settings=reload_settings or (lambda: settings), on_startup=start, on_shutdown=stop,
     )
 

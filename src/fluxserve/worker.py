@@ -24,10 +24,12 @@ from fluxserve.engine.loading import ModelLoadError, PipelineCache
 from fluxserve.images import encode_png
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.tables import Job, utcnow
-from fluxserve.models import Registry
+from fluxserve.models import KLEIN, Registry
 from fluxserve.params import JobParams
 from fluxserve.safety import SafetyChecker
+from fluxserve.storage.configs import StorageConfigs, StorageUnavailable
 from fluxserve.storage.local import LocalStorage
+from fluxserve.storage.s3 import S3Uploader, UploadError
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +113,12 @@ class Worker:
         outputs: LocalStorage, inputs: LocalStorage, max_attempts: int, lease_seconds: float,
         heartbeat_seconds: float, retention_seconds: float, sink: WorkerSink | None = None,
         commands: "queue.Queue[str] | Any" = None, idle_poll_seconds: float = 0.2,
+        storage_configs: StorageConfigs | None = None, uploader: S3Uploader | None = None,
+        enhancer: Any = None,
     ):
+        self.storage_configs = storage_configs
+        self.uploader = uploader
+        self.enhancer = enhancer
         self.registry = registry
         self.jobs = jobs
         self.pipelines = pipelines
@@ -217,7 +224,7 @@ class Worker:
             except JobAborted:
                 outcome = "lost"
                 log.warning("job %s: claim lost mid-run; its new owner will finish it", job.id)
-            except ModelLoadError as exc:
+            except (ModelLoadError, StorageUnavailable, UploadError) as exc:
                 self.jobs.fail(job.id, job.claim_token, str(exc))
             except Exception as exc:  # noqa: BLE001 - the job fails with a message, the worker lives
                 self.jobs.fail(job.id, job.claim_token, self._failure_message(job, exc))
@@ -237,19 +244,23 @@ class Worker:
         spec = self.registry.get(params.model)
         references = [self._load_input(name) for name in params.inputs]
         second = self._load_input(params.input_2) if params.input_2 else None
+        meta = dict(job.meta)
+        if params.enhance_prompt:
+            params.prompt = self._enhance(params.prompt, meta)
         self.pipelines.get(spec)  # load outside the timed section: generationTime is generation
         started = time.perf_counter()
         images = self.generator.run(spec, params, references, second, progress=claim.progress)
-        meta = dict(job.meta)
         nsfw = False
         if params.safety_checker:
             images, scores, nsfw = self.safety.filter(images)
             meta["nsfw_scores"] = [round(score, 4) for score in scores]
         names = [f"{job.file_prefix}-{i}.png" for i in range(len(images))]
-        for name, image in zip(names, images):
-            self.outputs.save(name, encode_png(image))  # same names on a retry: one set of files
+        pngs = [encode_png(image) for image in images]
+        for name, png in zip(names, pngs):
+            self.outputs.save(name, png)  # same names on a retry: one set of files
+        output_urls = self._upload(params, names, pngs) if params.remote else None
         elapsed = time.perf_counter() - started
-        links = [self.outputs.url_for(name) for name in names]
+        links = output_urls or [self.outputs.url_for(name) for name in names]
         payload = {
             "status": "success", "id": job.id, "output": links, "proxy_links": links,
             "generationTime": round(elapsed, 4), "nsfw_content_detected": nsfw, "track_id": job.track_id,
@@ -258,11 +269,34 @@ class Worker:
         finished = self.jobs.succeed(
             job.id, job.claim_token, outputs=names, nsfw_detected=nsfw, generation_time=elapsed, meta=meta,
             expires_at=utcnow() + timedelta(seconds=self.retention_seconds), webhook_payload=payload,
+            output_urls=output_urls,
         )
         if not finished:
             log.warning("job %s was no longer ours when it finished; result left to its new owner", job.id)
             return None
         return elapsed
+
+    def _enhance(self, prompt: str, meta: dict[str, Any]) -> str:
+        """Rewrite the prompt (default: with the klein pipeline's own Qwen3 encoder); on any
+        failure the original is used. Both prompts, and how it went, go into meta."""
+        def klein():
+            return self.pipelines.get(self.registry.get(KLEIN))
+
+        result = self.enhancer.enhance(prompt, klein) if self.enhancer else None
+        meta["original_prompt"] = prompt
+        if result is None or not result.ok:
+            meta["enhance_prompt_status"] = f"failed, original prompt used: {result.error if result else 'no enhancer'}"
+            return prompt
+        meta.update(prompt=result.prompt, enhanced_prompt=result.prompt, enhance_prompt_status="ok",
+                    enhance_prompt_source=result.source, enhance_prompt_seconds=round(result.seconds, 3))
+        return result.prompt
+
+    def _upload(self, params: JobParams, names: list[str], pngs: list[bytes]) -> list[str]:
+        """To the bucket the job was queued for; any failure fails the job (never a silent drop)."""
+        if self.storage_configs is None or self.uploader is None:
+            raise StorageUnavailable("Upload failed: this worker has no S3 support configured")
+        details = self.storage_configs.details(params.remote)
+        return [self.uploader.upload(details, name, png) for name, png in zip(names, pngs)]
 
     def _load_input(self, name: str) -> Image.Image:
         with Image.open(self.inputs.path_for(name)) as image:

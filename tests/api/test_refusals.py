@@ -51,8 +51,8 @@ REFUSALS = [
      "Unable to fetch image from provided URL: only http and https URLs are accepted"),
     ("bad data uri", FLUX_I2I, {"init_image": "data:image/png;base64,@@@"}, 400, "data: URI is not valid base64"),
     ("webhook not http", KLEIN, {"webhook": "ftp://example.test/hook"}, 400, "webhook must be an http or https URL"),
-    ("enhance_prompt not yet supported", REALTIME_I2I, {"enhance_prompt": "yes"}, 400,
-     "enhance_prompt is not supported by this server yet; send enhance_prompt false or null"),
+    ("enhance_prompt not a boolean", REALTIME_I2I, {"enhance_prompt": "maybe"}, 400,
+     "enhance_prompt must be a boolean (true/false, yes/no, 1/0)"),
 ]
 
 VALID = {

@@ -14,11 +14,13 @@ from fluxserve import __version__
 from fluxserve.api.admin import admin, ops
 from fluxserve.api.deps import Services, WorkerControl
 from fluxserve.api.progress import jobs_router
+from fluxserve.api.storage_routes import storage_router
 from fluxserve.api.errors import install_error_handlers
 from fluxserve.api.generation import GenerationService
 from fluxserve.api.json_bodies import JsonBodiesMiddleware
 from fluxserve.api.limits import AddressRateLimitMiddleware, BodyLimitMiddleware, RateLimits
 from fluxserve.api.routes import enterprise, files, v6
+from fluxserve.api.v7 import v7
 from fluxserve.config import Settings
 from fluxserve.events import JobEvents
 from fluxserve.jobs.database import open_database
@@ -37,6 +39,7 @@ def create_app(
     metrics: Metrics | None = None,
     host: WorkerControl | None = None,
     reload_settings: Callable[[], Settings] | None = None,
+    storage: tuple | None = None,
     on_startup: Callable[[], None] | None = None,
     on_shutdown: Callable[[], None] | None = None,
 ) -> FastAPI:
@@ -57,6 +60,7 @@ def create_app(
             app.state.services = Services(
                 generation=GenerationService(
                     settings=settings, registry=registry, jobs=jobs, metrics=metrics,
+                    storage_configs=storage[0] if storage else None,
                     storage=LocalStorage(settings.outputs_dir, settings.base_url),
                     inputs=LocalStorage(settings.inputs_dir, settings.base_url),
                     events=events, http=http,
@@ -65,6 +69,8 @@ def create_app(
                 host=host,
                 worker_status=lambda: getattr(getattr(host, "link", None), "last_status", {}) or {},
                 reload_settings=reload_settings,
+                storage_configs=storage[0] if storage else None,
+                uploader=storage[1] if storage else None,
             )
             if on_startup:
                 on_startup()
@@ -90,6 +96,6 @@ def create_app(
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Content-Type", "Key", "Authorization"])
-    for router in (enterprise, v6, admin, jobs_router, files, ops):
+    for router in (enterprise, v6, v7, admin, storage_router, jobs_router, files, ops):
         app.include_router(router)
     return app

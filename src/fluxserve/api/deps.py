@@ -30,6 +30,8 @@ class Services:
     host: WorkerControl | None = None
     worker_status: Callable[[], dict[str, Any]] = field(default=lambda: {})
     reload_settings: Callable[[], Any] | None = None
+    storage_configs: Any = None  # fluxserve.storage.configs.StorageConfigs
+    uploader: Any = None  # fluxserve.storage.s3.S3Uploader
 
 
 def get_services(request: Request) -> Services:

@@ -26,6 +26,7 @@ from fluxserve.jobs.tables import ApiKey, Job
 from fluxserve.metrics import Metrics
 from fluxserve.models import ModelSpec, Registry, UnknownModel
 from fluxserve.params import SEED_MAX, GenerationRequest, JobParams
+from fluxserve.storage.configs import StorageConfigs
 from fluxserve.storage.local import LocalStorage
 
 POLL_SECONDS = 1.0  # fallback polling when the worker runs elsewhere
@@ -41,6 +42,7 @@ class GenerationService:
     events: JobEvents
     http: httpx.AsyncClient
     metrics: Metrics
+    storage_configs: StorageConfigs | None = None
 
     # -- submission ---------------------------------------------------------------------------
     async def submit(self, key: ApiKey, request: GenerationRequest, *, pipelines: tuple[str, ...] = ()) -> JSONResponse:
@@ -49,6 +51,8 @@ class GenerationService:
         inputs = [await self._store_init_image(url) for url in request.init_images]
         input_2 = await self._store_init_image(request.init_image_2) if request.init_image_2 else None
         params = self._resolve(request, spec, inputs, input_2)
+        if self.storage_configs is not None and not request.temp:  # temp: local, expiring, even with S3
+            params.remote = await run_in_threadpool(self.storage_configs.for_job, key.id, request.server)
         file_prefix = str(uuid.uuid4())
         job = await run_in_threadpool(
             self.jobs.create, key_id=key.id, server=request.server, model=spec.name, task=request.task,
@@ -111,6 +115,7 @@ class GenerationService:
             strength=(spec.strength if request.strength is None else request.strength) if img2img else None,
             true_cfg_scale=request.true_cfg_scale or spec.true_cfg_scale,
             inputs=inputs, input_2=input_2, safety_checker=request.safety_checker, base64=request.base64,
+            enhance_prompt=bool(request.enhance_prompt),
         )
 
     @staticmethod
@@ -134,7 +139,7 @@ class GenerationService:
             "base64": yes_no[params.base64],
             "instant_response": yes_no[request.instant_response],
             "temp": yes_no[request.temp],
-            "enhance_prompt": "no",
+            "enhance_prompt": yes_no[params.enhance_prompt],
             "file_prefix": file_prefix,
             "track_id": request.track_id,
         }
@@ -178,12 +183,14 @@ class GenerationService:
         status = JobStatus(job.status)
         if status is JobStatus.SUCCEEDED:
             webhook_status = await run_in_threadpool(self.jobs.webhook_status, job.id)
-            if job.expired_at is not None:
+            if job.expired_at is not None and not job.output_urls:
                 return JSONResponse(expired_body(job, webhook_status))
             try:
                 body = await run_in_threadpool(success_body, job, self.storage, webhook_status)
-            except FileNotFoundError:  # deleted by hand, or expiring right now
-                return JSONResponse(expired_body(job, webhook_status))
+            except FileNotFoundError:  # the local copy expired (or was deleted by hand)
+                if not job.output_urls:
+                    return JSONResponse(expired_body(job, webhook_status))
+                body = success_body(job, self.storage, webhook_status, inline=False)  # S3 copies stay
             return JSONResponse(body)
         if status is JobStatus.FAILED:
             return JSONResponse(failure_body(job), status_code=500)

@@ -15,6 +15,7 @@ FETCH_PATHS = {
     "flux": "/api/v1/enterprise/flux/fetch/{id}",
     "v6": "/api/v6/images/fetch/{id}",
     "v6_realtime": "/api/v6/realtime/fetch/{id}",
+    "v7": "/api/v7/images/fetch/{id}",
 }
 
 
@@ -23,13 +24,25 @@ def output_names(job: Job) -> list[str]:
     return [f"{job.file_prefix}-{i}.png" for i in range(len(job.params["seeds"]))]
 
 
+def output_links(job: Job, storage: LocalStorage) -> list[str]:
+    """The URLs a job's images have (or will have): its bucket's public URL, or ours."""
+    if job.output_urls:
+        return list(job.output_urls)
+    remote = job.params.get("remote")
+    if remote:
+        return [remote["public_url"].rstrip("/") + "/" + name for name in output_names(job)]
+    return [storage.url_for(name) for name in output_names(job)]
+
+
 def fetch_url(base_url: str, job: Job) -> str:
     return base_url + FETCH_PATHS[job.server].format(id=job.id)
 
 
-def success_body(job: Job, storage: LocalStorage, webhook_status: str = "") -> dict[str, Any]:
-    links = [storage.url_for(name) for name in job.outputs]
-    output = [to_base64(storage.read(name)) for name in job.outputs] if job.params.get("base64") else links
+def success_body(job: Job, storage: LocalStorage, webhook_status: str = "", *, inline: bool | None = None) -> dict[str, Any]:
+    """``inline`` (default: the request's base64 flag) puts the PNG bytes in ``output``."""
+    links = output_links(job, storage)
+    inline = job.params.get("base64") if inline is None else inline
+    output = [to_base64(storage.read(name)) for name in job.outputs] if inline else links
     return {
         "status": "success",
         "generationTime": round(job.generation_time or 0.0, 4),
@@ -60,7 +73,7 @@ def expired_body(job: Job, webhook_status: str = "") -> dict[str, Any]:
 
 
 def processing_body(job: Job, storage: LocalStorage, base_url: str, eta: float) -> dict[str, Any]:
-    links = [storage.url_for(name) for name in output_names(job)]
+    links = output_links(job, storage)
     state = "queued" if job.status == JobStatus.QUEUED.value else "being generated"
     return {
         "status": "processing",

@@ -82,8 +82,6 @@ class GenerationBody(BaseModel):
         _check_range("guidance_scale", self.guidance_scale, 0, 20)
         _check_range("strength", self.strength, 0, 1)
         _check_range("true_cfg_scale", self.true_cfg_scale, 1, 20)
-        if self.enhance_prompt:
-            raise _refuse("enhance_prompt is not supported by this server yet; send enhance_prompt false or null")
         if self.webhook is not None:
             self.webhook = self.webhook.strip() or None
         if self.webhook and urlsplit(self.webhook).scheme.lower() not in ("http", "https"):

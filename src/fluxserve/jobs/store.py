@@ -148,11 +148,12 @@ class JobStore:
     def succeed(
         self, job_id: int, token: str, *, outputs: list[str], nsfw_detected: bool, generation_time: float,
         meta: dict[str, Any], expires_at: datetime | None = None, webhook_payload: dict[str, Any] | None = None,
+        output_urls: list[str] | None = None,
     ) -> bool:
         return self._finish(
             job_id, token, JobStatus.SUCCEEDED, webhook_payload,
             outputs=outputs, nsfw_detected=nsfw_detected, generation_time=generation_time, meta=meta,
-            expires_at=expires_at,
+            expires_at=expires_at, output_urls=output_urls,
         )
 
     def fail(self, job_id: int, token: str, message: str) -> bool:

@@ -8,7 +8,9 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator, text
+from sqlalchemy import (
+    JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator, UniqueConstraint, text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -84,6 +86,26 @@ class Job(Base):
     progress_total: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     expires_at: Mapped[datetime | None] = mapped_column(nullable=True, index=True)
     expired_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    output_urls: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)  # set when stored remotely (S3)
+
+
+class StorageConfig(Base):
+    """A key's S3 details (ModelsLab's update_s3), per deploy type; the secret key encrypted."""
+
+    __tablename__ = "storage_configs"
+    __table_args__ = (UniqueConstraint("key_id", "deploy_type"), {"sqlite_autoincrement": True})
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    deploy_type: Mapped[str] = mapped_column(String(40))
+    bucket: Mapped[str] = mapped_column(String(255))
+    prefix: Mapped[str] = mapped_column(String(1024))
+    endpoint_url: Mapped[str | None] = mapped_column(String(2048), nullable=True)
+    region_name: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    public_url: Mapped[str] = mapped_column(String(2048))
+    access_key_id: Mapped[str] = mapped_column(String(256))
+    secret_encrypted: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class WebhookDelivery(Base):
