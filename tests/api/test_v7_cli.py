@@ -165,7 +165,8 @@ def test_processing_answer_points_at_the_v7_fetch_route(server, v7):
 
 
 @pytest.mark.parametrize("model_id,expected", [
-    ("flux-kontext-dev", "flux-kontext-dev"), ("flux", "flux"), ("realtime", "realtime"), ("flux-2-klein", "flux-klein"),
+    ("flux-kontext-dev", "flux-kontext-dev"), ("flux", "flux"), ("realtime", "realtime"),
+    ("flux-2-klein", "flux-klein"),
 ])
 def test_image_to_image_models(v7, image_host, model_id, expected):
     body = {"prompt": "a cat", "init_image": f"{image_host}/b.jpg", "model_id": model_id, **SMALL}
