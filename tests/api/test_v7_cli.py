@@ -140,7 +140,7 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 
 def test_text_to_image_then_fetch(v7):
-    response = v7.post(T2I, json={"prompt": "a cat", "model_id": "flux", **SMALL})  # key only in the header
+    response = v7.post(T2I, json={"prompt": "a cat", "model_id": "flux-2-klein", **SMALL})  # key only in the header
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["status"] == "success" and body["meta"]["model_id"] == "flux-klein"
@@ -177,7 +177,10 @@ def test_image_to_image_models(v7, image_host, model_id, expected):
 
 @pytest.mark.parametrize("path,body,status,message", [
     (T2I, {"prompt": "a cat", "model_id": "sdxl"}, 404, "Model not found: sdxl"),
-    (T2I, {"prompt": "a cat", "model_id": "flux-kontext-dev"}, 404, "Model not found: flux-kontext-dev"),
+    (T2I, {"prompt": "a cat", "model_id": "flux-kontext-dev"}, 404,
+     "Model not found: flux-kontext-dev (text-to-image models here: flux-klein, realtime)"),
+    (T2I, {"prompt": "a cat", "model_id": "flux"}, 404,  # FLUX.1 here is image-to-image only: no silent swap
+     "Model not found: flux (text-to-image models here: flux-klein, realtime)"),
     (I2I, {"prompt": "a cat", "init_image": "{host}/a.png", "model_id": "sdxl"}, 404, "Model not found: sdxl"),
     (T2I, {"width": 256}, 400, "prompt is required"),
     (I2I, {"prompt": "", "init_image": "{host}/a.png"}, 400, "prompt is required"),  # the CLI without --prompt

@@ -41,7 +41,6 @@ TEXT2IMG_PIPELINES = ("Flux2KleinPipeline",)
 _KLEIN_IDS = {"flux-2-klein": KLEIN, "flux-2-klein-4b": KLEIN, "flux2-klein": KLEIN, "flux-klein-4b": KLEIN}
 TEXT2IMG_ALIASES = {
     "": KLEIN,  # the CLI sends no model_id unless --model is given
-    "flux": KLEIN,  # ModelsLab's FLUX text-to-image id (the CLI README's `--model flux`); our "flux" is img2img only
     **_KLEIN_IDS,
 }
 IMG2IMG_ALIASES = {
@@ -62,15 +61,15 @@ def resolve_model(registry: Registry, model_id: str | None, aliases: dict[str, s
         spec = registry.get(name)
     except UnknownModel:
         raise ApiError(404, f"Model not found: {sent}") from None
-    if pipelines and spec.pipeline not in pipelines:
-        raise ApiError(404, f"Model not found: {sent}")
+    if pipelines and spec.pipeline not in pipelines:  # e.g. "flux": FLUX.1 here is image-to-image only
+        raise ApiError(404, f"Model not found: {sent} (text-to-image models here: flux-klein, realtime)")
     return spec.name
 
 
 class V7Text2ImgBody(Text2ImgBody):
     """``POST /api/v7/images/text-to-image``."""
 
-    model_id: Text = Field(None, description='"flux-klein" (default), "realtime", or a ModelsLab id such as "flux".')
+    model_id: Text = Field(None, description='"flux-klein" (default) or "realtime" (also "flux-2-klein", "flux-2-klein-4b").')
     guidance: Float = Field(None, description="0-20; same as guidance_scale (wins if both are sent).")
     scheduler: Text = Field(None, description="Accepted and ignored (FLUX uses its own scheduler).")
 
