@@ -70,3 +70,13 @@ def test_a_job_on_a_missing_model_fails_cleanly_and_the_server_goes_on(tmp_path,
             assert again.json()["message"] == result["message"]
             ok = client.post("/api/v1/enterprise/flux_klein/text2img", json=body).json()
             assert ok["status"] == "success"
+
+
+def test_variants_keep_the_base_pipelines_dtype(tiny_root):
+    """diffusers' from_pipe without a dtype casts shared modules to fp32 in place (2x VRAM on CUDA)."""
+    spec = Registry.build(tiny_root=tiny_root).get(KLEIN)
+    cache = PipelineCache("cpu", torch.bfloat16)
+    base = cache.get(spec)
+    inpaint = cache.get(spec, "Flux2KleinInpaintPipeline")
+    assert base.transformer.dtype == torch.bfloat16 and inpaint.transformer is base.transformer
+    assert base.vae.dtype == torch.bfloat16 and base.text_encoder.dtype == torch.bfloat16

@@ -69,7 +69,8 @@ class PipelineCache:
             if cache_key not in self._pipelines:
                 import diffusers
 
-                derived = getattr(diffusers, variant).from_pipe(base)
+                # dtype: without it from_pipe casts the shared (bf16) modules to fp32 in place
+                derived = getattr(diffusers, variant).from_pipe(base, dtype=self.dtype)
                 derived.set_progress_bar_config(disable=True)
                 self._pipelines[cache_key] = derived
             return self._pipelines[cache_key]
