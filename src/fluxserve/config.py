@@ -26,6 +26,12 @@ class Settings(BaseSettings):
         description='JSON, e.g. {"flux-kontext-dev": {"source": "/models/kontext", "steps": 24}}.',
     )
     device: str = Field("auto", description="auto | cuda | cuda:N | cpu")
+    gpu_memory_budget: str = Field(
+        "auto", description='Bytes of accelerator memory for model weights ("auto", "20GiB", ...); LRU eviction beyond.'
+    )
+    offload: Literal["none", "model", "sequential"] = Field(
+        "none", description="CPU offload for small GPUs: model (per component) or sequential (per layer, slowest)."
+    )
     sync_wait_seconds: float = Field(
         30.0, ge=0, description="How long a request waits for its job before answering processing."
     )

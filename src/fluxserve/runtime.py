@@ -58,14 +58,17 @@ def build_worker(settings: Settings, *, sink=None, commands=None):
     from fluxserve.storage.local import LocalStorage
     from fluxserve.worker import Worker
 
+    from fluxserve.engine.residency import Residency, parse_bytes
+
     device = pick_device(settings.device)
+    residency = Residency(device=device, budget_bytes=parse_bytes(settings.gpu_memory_budget), offload=settings.offload)
     sessions = open_database(settings.resolved_database_url)
     storage_configs, uploader = build_storage(settings, sessions)
     return Worker(
         registry=build_registry(settings, build_tiny=False),
         jobs=JobStore(sessions, webhook_retry_seconds=settings.webhook_retry_seconds),
         storage_configs=storage_configs, uploader=uploader, enhancer=build_enhancer(settings),
-        pipelines=PipelineCache(device, pick_dtype(device)), safety=SafetyChecker(settings.nsfw_threshold),
+        pipelines=PipelineCache(device, pick_dtype(device), residency), safety=SafetyChecker(settings.nsfw_threshold),
         outputs=LocalStorage(settings.outputs_dir, settings.base_url),
         inputs=LocalStorage(settings.inputs_dir, settings.base_url),
         max_attempts=settings.max_job_attempts, lease_seconds=settings.lease_seconds,

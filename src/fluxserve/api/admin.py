@@ -52,6 +52,7 @@ async def system_details(server: str, _key: AdminKey, services: ServicesDep) -> 
         "queue_time": round(queue_time, 2),
         "device": status.get("device"),
         "gpu_memory": status.get("gpu_memory"),
+        "residency": status.get("residency"),
         "worker": _host(services).describe(),
     }
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from fluxserve.engine.residency import Residency
 from fluxserve.models import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -50,30 +51,37 @@ def explain_load_failure(spec: ModelSpec, exc: BaseException) -> str:
 
 
 class PipelineCache:
-    """One loaded pipeline per (class, weights source); variants share weights via from_pipe."""
+    """One loaded pipeline per (class, weights source); variants share weights via from_pipe.
+    Pipelines load on the host; ``Residency`` moves each onto the accelerator just before use,
+    evicting the least recently used ones when the memory budget would be exceeded."""
 
-    def __init__(self, device: str, dtype: torch.dtype):
+    def __init__(self, device: str, dtype: torch.dtype, residency: Residency | None = None):
         self.device = device
         self.dtype = dtype
         self._pipelines: dict[tuple[str, str], Any] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # on_evict runs inside place(), inside get()
+        self.residency = residency or Residency(device=device, budget_bytes=None, on_evict=self._evicted)
+        if self.residency.on_evict is None:
+            self.residency.on_evict = self._evicted
 
     def get(self, spec: ModelSpec, variant: str | None = None) -> Any:
-        """The pipeline for ``spec``; with ``variant`` (a diffusers class name), that class built
-        over the same loaded components (e.g. the inpaint pipeline for strength < 1)."""
+        """The pipeline for ``spec``, resident and ready; with ``variant`` (a diffusers class
+        name), that class built over the same loaded components (e.g. the inpaint pipeline)."""
         with self._lock:
             base = self._load(spec)
-            if variant is None or variant == spec.pipeline:
-                return base
-            cache_key = (variant, spec.source)
-            if cache_key not in self._pipelines:
-                import diffusers
+            cache_key = (spec.pipeline, spec.source)
+            if variant is not None and variant != spec.pipeline:
+                cache_key = (variant, spec.source)
+                if cache_key not in self._pipelines:
+                    import diffusers
 
-                # dtype: without it from_pipe casts the shared (bf16) modules to fp32 in place
-                derived = getattr(diffusers, variant).from_pipe(base, dtype=self.dtype)
-                derived.set_progress_bar_config(disable=True)
-                self._pipelines[cache_key] = derived
-            return self._pipelines[cache_key]
+                    # dtype: without it from_pipe casts the shared (bf16) modules to fp32 in place
+                    derived = getattr(diffusers, variant).from_pipe(base, dtype=self.dtype)
+                    derived.set_progress_bar_config(disable=True)
+                    self._pipelines[cache_key] = derived
+            pipeline = self._pipelines[cache_key]
+            self.residency.place(_key(cache_key), pipeline)
+            return pipeline
 
     def _load(self, spec: ModelSpec) -> Any:
         cache_key = (spec.pipeline, spec.source)
@@ -90,19 +98,31 @@ class PipelineCache:
         except Exception as exc:  # noqa: BLE001 - every failure becomes an actionable message
             log.warning("loading %s failed: %r", spec.name, exc)
             raise ModelLoadError(explain_load_failure(spec, exc)) from exc
-        pipeline.to(self.device)
         pipeline.set_progress_bar_config(disable=True)
         log.info("loaded %s (%s) from %s in %.1fs", spec.name, spec.pipeline, spec.source, time.perf_counter() - started)
         self._pipelines[cache_key] = pipeline
         return pipeline
 
+    def _evicted(self, key: str, _pipeline: Any) -> None:
+        """Evicted from the accelerator: keep it in host memory (reloading is then a copy), unless
+        there is no accelerator, where eviction means giving the memory back: drop it and the
+        variants that share its weights."""
+        if self.residency.moves:
+            return
+        source = key.split(":", 1)[1]
+        with self._lock:
+            for cache_key in [k for k in self._pipelines if k[1] == source]:
+                del self._pipelines[cache_key]
+                self.residency.forget(_key(cache_key))
+
     def loaded(self) -> list[str]:
         with self._lock:
-            return [f"{cls}:{source}" for cls, source in self._pipelines]
+            return [_key(cache_key) for cache_key in self._pipelines]
 
     def clear(self) -> None:
         """Drop every cached pipeline and give their GPU memory back."""
         with self._lock:
+            self.residency.forget()
             self._pipelines.clear()
         self.release_memory()
 
@@ -114,3 +134,7 @@ class PipelineCache:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _key(cache_key: tuple[str, str]) -> str:
+    return f"{cache_key[0]}:{cache_key[1]}"

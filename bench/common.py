@@ -1,0 +1,84 @@
+"""What the benchmarks share: the pipeline for a scale, the environment they ran in, tables."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub
+
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SCALES = ("tiny", "small", "true")
+
+GPU_ONLY_MESSAGE = (
+    "--scale true builds the true-size FLUX.2 klein-4B pipeline (3.88 B transformer + 4.02 B Qwen3 encoder "
+    "+ VAE: ~16 GB of bf16 weights, built on the GPU) and needs a CUDA GPU with >= 24 GB; this machine has "
+    "none. Use --scale small to prove the same code path on CPU, or --force to try anyway "
+    "(fp32 on CPU: ~32 GB of RAM, minutes per image)."
+)
+
+
+def quiet_libraries() -> None:
+    """No progress bars or advisory warnings from diffusers/transformers in the tables."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def device_and_dtype() -> tuple[str, torch.dtype]:
+    """What the service would pick (``fluxserve.engine.loading``): cuda+bf16, else cpu+fp32."""
+    from fluxserve.engine.loading import pick_device, pick_dtype
+
+    device = pick_device("auto")
+    return device, pick_dtype(device)
+
+
+def tiny_klein_folder(root: Path) -> Path:
+    from fluxserve.engine.tiny import build_tiny_models
+
+    return build_tiny_models(root)["flux2-klein"]
+
+
+def load_tiny_klein(folder: Path, device: str, dtype: torch.dtype) -> Any:
+    """The tiny klein pipeline loaded exactly as ``PipelineCache._load`` loads it."""
+    from diffusers import Flux2KleinPipeline
+
+    pipeline = Flux2KleinPipeline.from_pretrained(folder, dtype=dtype)
+    pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def environment(device: str, dtype: torch.dtype) -> dict[str, Any]:
+    import diffusers
+    import transformers
+
+    info = {
+        "device": device, "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
+        "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+        "python": sys.version.split()[0], "machine": platform.machine(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def print_table(headers: list[str], rows: list[list[Any]]) -> None:
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))
+    print(line)
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))

@@ -1,0 +1,303 @@
+"""Where the time of one FLUX.2 klein generation goes, stage by stage, and how close each
+denoising step is to the GPU's roofline. Usage:
+
+    python -m bench.stages --scale small|true|tiny --size 1024 --steps 4 [--repeats 3] \\
+        [--peak-tflops 989] [--threads N] [--json bench/stages.json]
+    python -m bench.stages --scale true --size 1024 --flops-only   # FLOP counts only (no GPU needed)
+
+Stages, timed inside one ordinary ``pipeline(...)`` call (the service's klein text2img call), after
+one warm-up generation, median of --repeats:
+  text encoding   ``pipeline.encode_prompt`` (tokenize + Qwen3 forward + stacking layers 9/18/27)
+  step i          transformer forward + scheduler step of step i (from a forward pre-hook on the
+                  transformer to ``callback_on_step_end``)
+  vae decode      ``pipeline.vae.decode``
+  to PIL          ``image_processor.postprocess`` (device -> host copy, uint8, PIL)
+  other           the rest of the call (latent prep, timesteps, unpacking, gaps between stages)
+then, on the host, as the service's worker does them:
+  safety check    ``fluxserve.safety.SafetyChecker.filter`` (opennsfw ONNX)
+  png encode      ``fluxserve.images.encode_png``
+  store           ``fluxserve.storage.local.LocalStorage.save`` (atomic write + fsync)
+On CUDA the in-pipeline marks are CUDA events on the current stream (no synchronisation inside
+the call, so timing does not perturb it); on CPU they are ``time.perf_counter``.
+
+Roofline: FLOPs per step are counted by running the transformer on the meta device under
+torch's FlopCounterMode for this size (34.8 TFLOP for klein-4B at 1024^2: 28.3 linear + 6.5
+attention); fraction = FLOPs / step seconds / peak (989 TFLOP/s: H100 bf16 dense). On CPU the
+fraction is printed but is not meaningful. With random weights the images are noise, which
+PNG compresses badly: the png stage is pessimistic compared with real pictures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    GPU_ONLY_MESSAGE, SCALES, device_and_dtype, environment, load_tiny_klein, print_table, quiet_libraries,
+    tiny_klein_folder,
+)
+
+PROMPT = "a photo of a cat sitting on a red chair"
+TABLE_HEADERS = ["stage", "ms", "% of total", "TFLOP", "% of peak"]
+
+
+class Marks:
+    """Named time points: CUDA events (read after one synchronize) or host perf_counter."""
+
+    def __init__(self, cuda: bool):
+        import torch
+
+        self.cuda = cuda
+        self._torch = torch
+        self.points: list[tuple[str, Any]] = []
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            event = self._torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.points.append((name, event))
+        else:
+            self.points.append((name, time.perf_counter()))
+
+    def seconds(self) -> dict[str, float]:
+        """Seconds of each point since the first."""
+        if self.cuda:
+            self._torch.cuda.synchronize()
+            first = self.points[0][1]
+            return {name: first.elapsed_time(event) / 1000 for name, event in self.points}
+        first = self.points[0][1]
+        return {name: t - first for name, t in self.points}
+
+
+def build_pipeline(scale: str, device: str, dtype, work: Path, seed: int):
+    if scale == "tiny":
+        return load_tiny_klein(tiny_klein_folder(work / "tiny-models"), device, dtype)
+    from bench.models import build_klein_pipeline
+
+    return build_klein_pipeline(scale, device, dtype, seed=seed)
+
+
+def one_generation(pipeline, args, safety, storage, cuda: bool, index: int) -> dict[str, float]:
+    """Run one instrumented generation; return seconds per stage."""
+    import torch
+
+    from fluxserve.images import encode_png
+
+    marks = Marks(cuda)
+    step = {"i": 0}
+    encode, decode, postprocess = pipeline.encode_prompt, pipeline.vae.decode, pipeline.image_processor.postprocess
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            marks.mark(f"{name}:start")
+            out = fn(*a, **k)
+            marks.mark(f"{name}:end")
+            return out
+        return wrapper
+
+    def pre_hook(_module, _args, _kwargs):
+        marks.mark(f"step{step['i']}:start")
+
+    def on_step_end(_pipeline, i, _t, callback_kwargs):
+        marks.mark(f"step{i}:end")
+        step["i"] = i + 1
+        return callback_kwargs
+
+    pipeline.encode_prompt = timed("text_encoding", encode)
+    pipeline.vae.decode = timed("vae_decode", decode)
+    pipeline.image_processor.postprocess = timed("to_pil", postprocess)
+    handle = pipeline.transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        marks.mark("call:start")
+        image = pipeline(prompt=PROMPT, height=args.size, width=args.size, num_inference_steps=args.steps,
+                         guidance_scale=1.0, output_type="pil", callback_on_step_end=on_step_end,
+                         generator=torch.Generator("cpu").manual_seed(args.seed + index)).images[0]
+        marks.mark("call:end")
+    finally:
+        handle.remove()
+        del pipeline.encode_prompt, pipeline.vae.decode, pipeline.image_processor.postprocess
+    at = marks.seconds()
+    stages = {"text_encoding": at["text_encoding:end"] - at["text_encoding:start"]}
+    for i in range(args.steps):
+        stages[f"step_{i + 1}"] = at[f"step{i}:end"] - at[f"step{i}:start"]
+    stages["vae_decode"] = at["vae_decode:end"] - at["vae_decode:start"]
+    stages["to_pil"] = at["to_pil:end"] - at["to_pil:start"]
+    stages["other"] = at["call:end"] - at["call:start"] - sum(stages.values())
+
+    image = image.convert("RGB")
+    t0 = time.perf_counter()
+    safety.filter([image])
+    t1 = time.perf_counter()
+    png = encode_png(image)
+    t2 = time.perf_counter()
+    storage.save(f"bench-{index}.png", png)
+    t3 = time.perf_counter()
+    stages.update(safety_check=t1 - t0, png_encode=t2 - t1, store=t3 - t2)
+    return stages
+
+
+def flops_for(pipeline_or_scale, size: int) -> dict[str, dict]:
+    from bench.flops import pipeline_flops
+
+    return pipeline_flops(pipeline_or_scale, size, size)
+
+
+def _flops_line(name: str, f: dict[str, Any]) -> str:
+    parts = [f"{k} {f[k] / 1e12:.3f}" for k in ("linear", "attention", "convolution", "other") if f[k]]
+    return f"  {name:<14} {f['total'] / 1e12:8.3f} TFLOP  ({' + '.join(parts)})"
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    quiet_libraries()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = device_and_dtype()
+    cuda = device.startswith("cuda")
+    work = Path(tempfile.mkdtemp(prefix="fluxserve-stages-"))
+    try:
+        return _measure(args, device, dtype, cuda, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _measure(args: argparse.Namespace, device: str, dtype, cuda: bool, work: Path) -> dict[str, Any]:
+    from fluxserve.safety import SafetyChecker
+    from fluxserve.storage.local import LocalStorage
+
+    started = time.perf_counter()
+    pipeline = build_pipeline(args.scale, device, dtype, work, args.seed)
+    build_s = time.perf_counter() - started
+    flops = flops_for(pipeline, args.size)
+    safety = SafetyChecker(args.nsfw_threshold)
+    storage = LocalStorage(work / "outputs", "http://127.0.0.1")
+    one_generation(pipeline, args, safety, storage, cuda, index=-1)  # warm-up (kernels, ONNX model load)
+    runs = [one_generation(pipeline, args, safety, storage, cuda, index=i) for i in range(args.repeats)]
+    median = {name: statistics.median(run[name] for run in runs) for name in runs[0]}
+    total = sum(median.values())
+    peak = args.peak_tflops * 1e12
+    step_names = [f"step_{i + 1}" for i in range(args.steps)]
+    step_s = statistics.median(median[name] for name in step_names)
+    stage_flops = {"text_encoding": flops["text_encoding"]["total"], "vae_decode": flops["vae_decode"]["total"],
+                   **{name: flops["step"]["total"] for name in step_names}}
+    rows = []
+    for name, seconds in median.items():
+        f = stage_flops.get(name)
+        rows.append({"stage": name, "ms": seconds * 1000, "pct_of_total": 100 * seconds / total,
+                     "tflop": f / 1e12 if f else None,
+                     "pct_of_peak": 100 * f / seconds / peak if f and seconds > 0 else None})
+    result = {
+        "benchmark": "stages",
+        "command": "python -m bench.stages " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "config": {"scale": args.scale, "size": args.size, "steps": args.steps, "repeats": args.repeats,
+                   "seed": args.seed, "peak_tflops": args.peak_tflops, "timer": "cuda events" if cuda else "perf_counter",
+                   "build_s": build_s},
+        "environment": environment(device, dtype),
+        "flops": flops,
+        "runs_s": runs,
+        "median_s": median,
+        "total_s": total,
+        "rows": rows,
+        "step_s": step_s,
+        "step_flops": flops["step"]["total"],
+        "roofline_fraction": flops["step"]["total"] / step_s / peak,
+        "roofline_meaningful": cuda,
+    }
+    return result
+
+
+def print_report(result: dict[str, Any]) -> None:
+    config, env = result["config"], result["environment"]
+    print(f"stages of one FLUX.2 klein text2img generation: scale {config['scale']}, {config['size']}x{config['size']}, "
+          f"{config['steps']} steps, median of {config['repeats']} after a warm-up, timer {config['timer']}")
+    print(f"device {env['device']} ({env.get('gpu', env['machine'])}), {env['dtype']}, torch {env['torch']}, "
+          f"diffusers {env['diffusers']}, {env['torch_threads']} torch threads")
+    print()
+    table = [[r["stage"], f"{r['ms']:.2f}", f"{r['pct_of_total']:.1f}",
+              f"{r['tflop']:.4f}" if r["tflop"] is not None else "",
+              f"{r['pct_of_peak']:.2f}" if r["pct_of_peak"] is not None else ""] for r in result["rows"]]
+    table.append(["total", f"{result['total_s'] * 1000:.2f}", "100.0", "", ""])
+    print_table(TABLE_HEADERS, table)
+    print()
+    flops = result["flops"]
+    print(f"FLOPs (counted on the meta device, {flops['step']['tokens']} tokens per step incl. 512 text):")
+    print(_flops_line("text encoding", flops["text_encoding"]))
+    print(_flops_line("one step", flops["step"]))
+    print(_flops_line("vae decode", flops["vae_decode"]))
+    label = "" if result["roofline_meaningful"] else "  (CPU: not meaningful)"
+    print(f"roofline: step {result['step_s'] * 1000:.2f} ms (median) for {result['step_flops'] / 1e12:.3f} TFLOP -> "
+          f"{100 * result['roofline_fraction']:.2f}% of {config['peak_tflops']:.0f} TFLOP/s{label}")
+
+
+def flops_only(args: argparse.Namespace) -> int:
+    """Print the FLOP counts of a scale at a size (meta device: no weights, no GPU)."""
+    flops = flops_for(args.scale, args.size)
+    print(f"FLOPs of FLUX.2 klein, scale {args.scale}, {args.size}x{args.size}, counted on the meta device:")
+    print(_flops_line("text encoding", flops["text_encoding"]))
+    print(_flops_line("one step", flops["step"]))
+    print(_flops_line("vae decode", flops["vae_decode"]))
+    step = flops["step"]["total"]
+    print(f"at {args.peak_tflops:.0f} TFLOP/s: one step >= {1000 * step / (args.peak_tflops * 1e12):.2f} ms, "
+          f"{args.steps} steps >= {1000 * args.steps * step / (args.peak_tflops * 1e12):.1f} ms")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"benchmark": "stages-flops", "scale": args.scale, "size": args.size,
+                                         "flops": flops}, indent=2) + "\n")
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.stages", description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", choices=SCALES, default="small")
+    parser.add_argument("--size", type=int, default=1024, help="width = height, a multiple of 16")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3, help="measured generations (median), after a warm-up")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="roofline peak (H100/H200 bf16 dense: 989)")
+    parser.add_argument("--nsfw-threshold", type=float, default=0.5)
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    parser.add_argument("--flops-only", action="store_true", help="print FLOP counts and exit (no GPU needed)")
+    parser.add_argument("--force", action="store_true", help="run --scale true without a GPU")
+    parser.add_argument("--json", type=Path, default=None, help="write the raw numbers here")
+    args = parser.parse_args(argv)
+    args.argv = argv
+    if args.size % 16 or args.size < 16:
+        parser.error("--size must be a multiple of 16")
+    if args.repeats < 1 or args.steps < 1:
+        parser.error("--repeats and --steps must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.flops_only:
+        if args.scale == "tiny":
+            print("--flops-only needs --scale small or true", file=sys.stderr)
+            return 2
+        return flops_only(args)
+    if args.scale == "true" and not args.force:
+        import torch
+
+        if not torch.cuda.is_available():
+            print(GPU_ONLY_MESSAGE, file=sys.stderr)
+            return 2
+    result = run(args)
+    print_report(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"raw numbers: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

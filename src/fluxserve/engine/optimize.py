@@ -1,0 +1,791 @@
+"""Engine speed-ups (issue 6): each one a switch, applied in place to a loaded pipeline, so the
+service can be measured with every switch on and off in the same run.
+
+``apply(pipeline, opts, device=...)`` runs the switches below in this order and returns a report
+``{switch: value}`` whose value starts with ``"on"``, ``"off"`` or ``"unavailable"`` (optionally
+followed by ``": detail"``).  A feature that cannot be had (no GPU, a package not installed, a
+backend that fails its probe) is logged and reported, never raised.  ``apply`` may be called again
+on the same pipeline or on one made from it with ``from_pipe`` (which shares the modules but not
+the per-instance wrappers): work already done on shared modules is not redone.
+
+Reported effects are the published anchors in ``/work/shared/design/PERFORMANCE.md`` (H100/H200
+unless stated); none of them is measured here.
+
+``bf16`` (field ``bf16_everywhere``)
+    Every component in bf16, the VAE included (a 1024² decode is about 20 ms in bf16 against about
+    160 ms in fp32).  On CUDA only: on CPU bf16 is slow, so the pipeline stays fp32 unless
+    ``force_bf16``.  :func:`compute_dtype` is the dtype the loader should pass to
+    ``from_pretrained`` so that no cast is needed at all; ``apply`` casts whatever is left.
+``truncate_text_encoder``
+    FLUX.2 klein reads Qwen3 hidden states (9, 18, 27) of 36 layers.  ``hidden_states[0]`` is the
+    embedding output and ``hidden_states[i]`` the output of decoder layer ``i - 1``, so layers
+    0..26 are enough: prompts are encoded by a *view* of the encoder holding only those layers
+    (the same parameter objects, no copy), with no final norm use and no LM head.  That is 27 of
+    36 layers and no 512 x 151936 logits: about 2.9 instead of 4.1 TFLOP per prompt.  The full
+    encoder stays untouched for its other user, the local prompt enhancer (``generate`` needs
+    every layer and the LM head).  A probe checks at apply time that the view gives bit-identical
+    embeddings; calls asking for a later layer than the view holds use the full encoder.
+``prompt_cache`` (field ``prompt_cache_size``, 0 = off)
+    An LRU of ``encode_prompt`` results keyed by the prompt(s) and every argument, plus the text
+    encoders' identity, dtype and device; a repeated prompt skips the text encoders entirely and
+    gives bit-identical images.  Entries stay on the device: a klein entry is 512 x 7680 values
+    (7.9 MB in bf16), so 256 entries can hold about 2 GB.  Counters:
+    ``prompt_cache_stats(pipeline)`` / ``pipeline._fluxserve_prompt_cache.stats()``.
+``channels_last_vae``
+    The VAE's convolutions in channels-last memory format (faster cuDNN kernels on GPUs).
+``attention_backend`` ("auto" | "native" | "off" | a diffusers backend name)
+    diffusers' attention dispatcher.  "auto" picks the first that is installed and passes a probe
+    against a reference on this device: on CUDA ``_flash_3`` (FA3, Hopper), ``_native_cudnn``,
+    ``flash`` (FA2), then ``native`` (PyTorch SDPA); on CPU ``native``.  Sage attention quantizes
+    Q/K, so it is used only when named.  Reported: FA3 + compile vs SDPA + compile 4.32 -> 3.73 s
+    (FLUX.1-dev, H200).  "off" leaves diffusers' default alone.
+``fp8``
+    torchao float8 dynamic quantization (activations and weights, per row) of the transformer's
+    linear layers: ~1.3-1.4x on H100.  Needs CUDA compute capability >= 8.9, torchao (not a
+    dependency of fluxserve) and bf16 weights; otherwise reported unavailable.
+``compile``
+    Regional ``torch.compile`` (fullgraph) of the transformer's repeated blocks
+    (``compile_repeated_blocks``; compile time 67 s -> 10 s against compiling the whole model):
+    1.2-1.5x.  Compilation happens at the first call, so the loader must call :func:`warm_up`
+    at load with every size it serves: then no request pays compile time.  A size not warmed
+    costs one recompile (after two sizes dynamo switches to dynamic shapes by itself); a warm-up
+    that fails to compile reverts the blocks to eager and reports compile unavailable.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import functools
+import inspect
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "SWITCHES",
+    "Optimizations",
+    "PromptEmbeddingCache",
+    "apply",
+    "compute_dtype",
+    "prompt_cache_stats",
+    "warm_up",
+]
+
+#: Report keys, in the order ``apply`` runs them -> the ``Optimizations`` field that drives each.
+SWITCHES: dict[str, str] = {
+    "bf16": "bf16_everywhere",
+    "truncate_text_encoder": "truncate_text_encoder",
+    "channels_last_vae": "channels_last_vae",
+    "attention_backend": "attention_backend",
+    "fp8": "fp8",
+    "compile": "compile",
+    "prompt_cache": "prompt_cache_size",
+}
+
+#: Attention backends "auto" tries on CUDA, fastest first (each must pass a probe).
+CUDA_ATTENTION_PREFERENCE = ("_flash_3", "_native_cudnn", "flash", "native")
+
+_TRUE = {"1", "true", "yes", "on", "y"}
+_FALSE = {"0", "false", "no", "off", "n", ""}
+_DEFAULT_PROMPT_CACHE_SIZE = 256
+
+
+# --------------------------------------------------------------------------------------
+# settings
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Optimizations:
+    """Which speed-ups to apply.  The defaults are what the service runs with."""
+
+    bf16_everywhere: bool = True
+    truncate_text_encoder: bool = True
+    prompt_cache_size: int = _DEFAULT_PROMPT_CACHE_SIZE
+    compile: bool = False
+    fp8: bool = False
+    attention_backend: str = "auto"
+    channels_last_vae: bool = True
+    #: Cast to bf16 on CPU too (bf16_everywhere alone applies on CUDA only; bf16 is slow on CPU).
+    force_bf16: bool = False
+    #: ``dynamic=`` for torch.compile: None lets dynamo decide (static, dynamic after a 2nd shape).
+    compile_dynamic: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt_cache_size, int) or self.prompt_cache_size < 0:
+            raise ValueError(f"prompt_cache_size must be an integer >= 0, not {self.prompt_cache_size!r}")
+        if not isinstance(self.attention_backend, str) or not self.attention_backend.strip():
+            raise ValueError("attention_backend must be 'auto', 'off', 'native' or a diffusers backend name")
+        object.__setattr__(self, "attention_backend", self.attention_backend.strip().lower())
+
+    @classmethod
+    def none(cls) -> Optimizations:
+        """Every switch off: the plain diffusers pipeline, the baseline to measure against."""
+        return cls(
+            bf16_everywhere=False, truncate_text_encoder=False, prompt_cache_size=0, compile=False,
+            fp8=False, attention_backend="off", channels_last_vae=False,
+        )
+
+    @classmethod
+    def all(cls) -> Optimizations:
+        """Every switch on, compile and fp8 included."""
+        return cls(compile=True, fp8=True)
+
+    @classmethod
+    def from_strings(
+        cls, spec: str | Mapping[str, Any] | Iterable[str] | None = None, *, base: Optimizations | None = None
+    ) -> Optimizations:
+        """Parse settings text such as ``"compile,fp8,-truncate,attention=flash,prompt_cache=64"``.
+
+        Items are separated by commas (or given as an iterable / a mapping of name -> value).  ``name``
+        turns a switch on, ``-name`` / ``no-name`` / ``name=off`` turns it off, ``name=value`` sets
+        it.  Names are the field names or the report keys of :data:`SWITCHES`, plus the short
+        forms ``truncate``, ``cache``, ``attention``, ``channels_last``.  ``none`` (all off),
+        ``all`` (all on) and ``default`` reset everything before the items that follow.
+        ``prompt_cache=on`` means the default size.  Starts from ``base`` (default: the defaults).
+        """
+        opts = base or cls()
+        if spec is None:
+            return opts
+        if isinstance(spec, Mapping):
+            items: list[tuple[str, Any]] = [(str(k), v) for k, v in spec.items()]
+        else:
+            texts = spec.split(",") if isinstance(spec, str) else list(spec)
+            items = [_split_item(str(text)) for text in texts if str(text).strip()]
+        changes: dict[str, Any] = {}
+        for raw_name, value in items:
+            name = raw_name.strip().lower().replace("-", "_")
+            if name in ("none", "all", "default", "defaults") and value is True:
+                opts = {"none": cls.none(), "all": cls.all()}.get(name, cls())
+                changes.clear()
+                continue
+            field = _FIELD_NAMES.get(name)
+            if field is None:
+                known = sorted(set(_FIELD_NAMES) | {"none", "all", "default"})
+                raise ValueError(f"unknown optimization {raw_name!r}; known: {', '.join(known)}")
+            changes[field] = _parse_value(field, value)
+        return dataclasses.replace(opts, **changes)
+
+    def dtype(self, device: str | torch.device) -> torch.dtype:
+        """See :func:`compute_dtype`."""
+        return compute_dtype(device, self)
+
+    def describe(self) -> str:
+        """A ``from_strings`` spec that gives these settings back (for logs and /admin)."""
+        parts = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            parts.append(f"{field.name}={'auto' if value is None else str(value).lower()}")
+        return ",".join(parts)
+
+
+_FIELD_NAMES: dict[str, str] = {f: f for f in Optimizations.__dataclass_fields__}
+_FIELD_NAMES.update(SWITCHES)
+_FIELD_NAMES.update(
+    truncate="truncate_text_encoder", cache="prompt_cache_size", attention="attention_backend",
+    channels_last="channels_last_vae", bf16_force="force_bf16",
+)
+
+
+def _split_item(text: str) -> tuple[str, Any]:
+    text = text.strip()
+    if "=" in text:
+        name, value = text.split("=", 1)
+        return name.strip(), value.strip()
+    for prefix in ("-", "no-", "no_"):
+        if text.lower().startswith(prefix):
+            return text[len(prefix):], False
+    return text, True
+
+
+def _parse_bool(field: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"{field}: expected on/off, not {value!r}")
+
+
+def _parse_value(field: str, value: Any) -> Any:
+    if field == "prompt_cache_size":
+        if isinstance(value, bool):
+            return _DEFAULT_PROMPT_CACHE_SIZE if value else 0
+        text = str(value).strip().lower()
+        if text in _TRUE - {"1"}:
+            return _DEFAULT_PROMPT_CACHE_SIZE
+        if text in _FALSE - {"0"}:
+            return 0
+        try:
+            size = int(text)
+        except ValueError:
+            raise ValueError(f"prompt_cache_size: expected a number or on/off, not {value!r}") from None
+        if size < 0:
+            raise ValueError("prompt_cache_size must be >= 0")
+        return size
+    if field == "attention_backend":
+        if value is True:
+            return "auto"
+        if value is False:
+            return "off"
+        name = str(value).strip().lower()
+        if name not in ("auto", "off") and name not in known_attention_backends():
+            raise ValueError(
+                f"attention_backend: unknown backend {value!r}; use auto, off or one of "
+                + ", ".join(sorted(known_attention_backends()))
+            )
+        return name
+    if field == "compile_dynamic":
+        if str(value).strip().lower() in ("auto", "none", "default"):
+            return None
+        return _parse_bool(field, value)
+    return _parse_bool(field, value)
+
+
+def known_attention_backends() -> set[str]:
+    """Backend names diffusers' attention dispatcher knows (installed or not)."""
+    try:
+        from diffusers.models.attention_dispatch import AttentionBackendName
+    except Exception:  # noqa: BLE001 - an older diffusers: accept what is asked, apply() reports
+        return {"native"}
+    return {member.value for member in AttentionBackendName}
+
+
+def _is_cuda(device: str | torch.device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def compute_dtype(device: str | torch.device, opts: Optimizations) -> torch.dtype:
+    """The dtype to load (``from_pretrained(dtype=...)``) and run the pipeline in: bf16 on CUDA when
+    ``bf16_everywhere`` (and anywhere with ``force_bf16``), fp32 otherwise."""
+    if opts.force_bf16 or (opts.bf16_everywhere and _is_cuda(device)):
+        return torch.bfloat16
+    return torch.float32
+
+
+# --------------------------------------------------------------------------------------
+# apply
+# --------------------------------------------------------------------------------------
+
+
+def apply(pipeline: Any, opts: Optimizations, *, device: str | torch.device) -> dict[str, str]:
+    """Apply every switch of ``opts`` to ``pipeline`` in place (in the order of :data:`SWITCHES`) and
+    return ``{switch: "on[: detail]" | "off[: detail]" | "unavailable: reason"}``.
+
+    Call it after ``pipeline.to(device)``; call it again on a pipeline made with ``from_pipe``.
+    The report is also kept as ``pipeline._fluxserve_optimizations``.
+    """
+    steps: dict[str, Callable[[], str]] = {
+        "bf16": lambda: _apply_bf16(pipeline, opts, device),
+        "truncate_text_encoder": lambda: _apply_truncation(pipeline, opts),
+        "channels_last_vae": lambda: _apply_channels_last_vae(pipeline, opts),
+        "attention_backend": lambda: _apply_attention_backend(pipeline, opts, device),
+        "fp8": lambda: _apply_fp8(pipeline, opts, device),
+        "compile": lambda: _apply_compile(pipeline, opts, device),
+        "prompt_cache": lambda: _apply_prompt_cache(pipeline, opts),
+    }
+    report: dict[str, str] = {}
+    for switch, step in steps.items():
+        try:
+            report[switch] = step()
+        except Exception as exc:  # noqa: BLE001 - an optional speed-up never stops the service
+            log.warning("optimization %s failed on %s", switch, type(pipeline).__name__, exc_info=True)
+            report[switch] = f"unavailable: {type(exc).__name__}: {exc}"
+    pipeline._fluxserve_optimizations = report
+    log.info("optimizations for %s on %s: %s", type(pipeline).__name__, device, report)
+    return report
+
+
+def _components(pipeline: Any) -> dict[str, torch.nn.Module]:
+    return {name: m for name, m in pipeline.components.items() if isinstance(m, torch.nn.Module)}
+
+
+# -- 1. bf16 ----------------------------------------------------------------------------
+
+
+def _apply_bf16(pipeline: Any, opts: Optimizations, device: str | torch.device) -> str:
+    if not opts.bf16_everywhere and not opts.force_bf16:
+        return "off"
+    if compute_dtype(device, opts) != torch.bfloat16:
+        return f"off: {torch.device(device).type} keeps fp32 (bf16 is slow there; force_bf16 casts anyway)"
+    cast = []
+    for name, module in _components(pipeline).items():
+        if getattr(module, "_fluxserve_fp8", False):
+            continue  # quantized weights are not cast back
+        if any(p.is_floating_point() and p.dtype != torch.bfloat16 for p in module.parameters()):
+            module.to(dtype=torch.bfloat16)
+            cast.append(name)
+    return "on" + (f": cast {', '.join(cast)}" if cast else "")
+
+
+# -- 2. Qwen3 truncation ---------------------------------------------------------------
+
+
+def _default_out_layers(pipeline: Any) -> tuple[int, ...] | None:
+    for method, name in (("__call__", "text_encoder_out_layers"), ("encode_prompt", "text_encoder_out_layers"),
+                         ("_get_qwen3_prompt_embeds", "hidden_states_layers")):
+        try:
+            parameter = inspect.signature(getattr(type(pipeline), method)).parameters.get(name)
+        except (AttributeError, TypeError, ValueError):
+            continue
+        if parameter is not None and isinstance(parameter.default, (tuple, list)) and parameter.default:
+            return tuple(int(i) for i in parameter.default)
+    return None
+
+
+def _truncated_view(model: torch.nn.Module, keep: int) -> torch.nn.Module:
+    """A shallow copy of a decoder-only ``*Model`` (e.g. ``Qwen3Model``) running only its first
+    ``keep`` layers.  Shares every parameter, buffer, submodule and hook dict with ``model``."""
+    view = copy.copy(model)
+    view._modules = collections.OrderedDict(model._modules)
+    view._modules["layers"] = torch.nn.ModuleList(list(model.layers[:keep]))
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = keep
+    if isinstance(getattr(config, "layer_types", None), (list, tuple)):
+        config.layer_types = list(config.layer_types[:keep])
+    # transformers replaces hidden_states[-1] with the final-normed output: with the view the
+    # last hidden state is a raw layer output the pipeline wants as is.
+    config.tie_last_hidden_states = False
+    view.config = config
+    return view
+
+
+def _apply_truncation(pipeline: Any, opts: Optimizations) -> str:
+    if not opts.truncate_text_encoder:
+        return "off"
+    info = pipeline.__dict__.get("_fluxserve_truncation")
+    if info is not None:
+        return f"on: {info['kept']} of {info['total']} layers (already applied)"
+    original = getattr(type(pipeline), "_get_qwen3_prompt_embeds", None)
+    encoder = getattr(pipeline, "text_encoder", None)
+    layers = getattr(getattr(encoder, "model", None), "layers", None)
+    if original is None or layers is None:
+        return f"unavailable: {type(pipeline).__name__} has no Qwen3 text encoder (FLUX.2 klein only)"
+    if any(getattr(m, "_hf_hook", None) is not None for m in encoder.modules()):
+        return "unavailable: the text encoder is offloaded (accelerate hooks)"
+    used = _default_out_layers(pipeline)
+    signature = inspect.signature(original)
+    if used is None or "hidden_states_layers" not in signature.parameters or "text_encoder" not in signature.parameters:
+        return "unavailable: cannot tell which hidden layers the pipeline reads"
+    total = len(layers)
+    keep = max(used)  # hidden_states[k] is the output of layer k - 1
+    if min(used) < 0 or keep >= total:
+        return f"unavailable: the pipeline reads hidden layers {used} of {total}: nothing to drop"
+
+    # Probe: full encoder first (installs transformers' output hooks on the shared layers, so
+    # the view, copied after, does not install them twice), then the view, then full again.
+    probe = dict(tokenizer=pipeline.tokenizer, prompt=["fluxserve truncation probe"], max_sequence_length=16,
+                 hidden_states_layers=used)
+    with torch.no_grad():
+        reference = original(text_encoder=encoder, **probe)
+        view = _truncated_view(encoder.model, keep)
+        truncated = original(text_encoder=view, **probe)
+        again = original(text_encoder=encoder, **probe)
+    if not torch.equal(reference, again):
+        raise RuntimeError("the full text encoder changed while building its truncated view")
+    if not torch.equal(reference, truncated):
+        return "unavailable: the truncated encoder's embeddings differ from the full encoder's"
+
+    def _get_qwen3_prompt_embeds(*args: Any, **kwargs: Any) -> torch.Tensor:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        chosen = tuple(bound.arguments["hidden_states_layers"])
+        if bound.arguments["text_encoder"] is encoder and chosen and all(0 <= i <= keep for i in chosen):
+            bound.arguments["text_encoder"] = view
+        return original(*bound.args, **bound.kwargs)
+
+    pipeline._get_qwen3_prompt_embeds = _get_qwen3_prompt_embeds  # shadows the staticmethod
+    pipeline._fluxserve_truncation = {"kept": keep, "total": total, "layers": used}
+    return f"on: {keep} of {total} layers (hidden states {', '.join(map(str, used))})"
+
+
+# -- 3. channels_last VAE ----------------------------------------------------------------
+
+
+def _apply_channels_last_vae(pipeline: Any, opts: Optimizations) -> str:
+    if not opts.channels_last_vae:
+        return "off"
+    vae = getattr(pipeline, "vae", None)
+    if not isinstance(vae, torch.nn.Module):
+        return "unavailable: the pipeline has no VAE"
+    vae.to(memory_format=torch.channels_last)
+    return "on"
+
+
+# -- 4. attention backend ----------------------------------------------------------------
+
+
+def _probe_attention(name: str, *, device: str | torch.device, dtype: torch.dtype, heads: int, head_dim: int) -> None:
+    """Run backend ``name`` on a small problem on ``device``; raise unless it matches SDPA math."""
+    from diffusers.models.attention_dispatch import (
+        AttentionBackendName,
+        _check_attention_backend_requirements,
+        dispatch_attention_fn,
+    )
+
+    backend = AttentionBackendName(name)
+    _check_attention_backend_requirements(backend)
+    generator = torch.Generator("cpu").manual_seed(0)
+    query, key, value = (torch.randn(1, 64, heads, head_dim, generator=generator) for _ in range(3))
+    out = dispatch_attention_fn(*(t.to(device, dtype) for t in (query, key, value)), backend=backend)
+    out = out[0] if isinstance(out, tuple) else out
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    ).transpose(1, 2)
+    if tuple(out.shape) != tuple(expected.shape):
+        raise RuntimeError(f"{name} returned shape {tuple(out.shape)}")
+    error = (out.float().cpu() - expected).abs().max().item()
+    if not error < 5e-2:
+        raise RuntimeError(f"{name} is off by {error:.3g} from SDPA")
+
+
+def _set_attention_backend(transformer: torch.nn.Module, name: str) -> None:
+    """``transformer.set_attention_backend(name)`` without changing diffusers' process-wide default
+    (which set_attention_backend also sets) for the other models in this process."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    previous = _AttentionBackendRegistry.get_active_backend()[0]
+    try:
+        transformer.set_attention_backend(name)
+    finally:
+        _AttentionBackendRegistry.set_active_backend(previous)
+
+
+def _apply_attention_backend(pipeline: Any, opts: Optimizations, device: str | torch.device) -> str:
+    wanted = opts.attention_backend
+    if wanted == "off":
+        return "off"
+    transformer = getattr(pipeline, "transformer", None)
+    if not callable(getattr(transformer, "set_attention_backend", None)):
+        return "unavailable: this diffusers has no attention dispatcher on the transformer"
+    config = transformer.config
+    probe = dict(
+        device=device, dtype=transformer.dtype,
+        heads=int(getattr(config, "num_attention_heads", 2)), head_dim=int(getattr(config, "attention_head_dim", 64)),
+    )
+    if wanted != "auto":
+        try:
+            if wanted != "native":
+                _probe_attention(wanted, **probe)
+            _set_attention_backend(transformer, wanted)
+        except Exception as exc:  # noqa: BLE001 - not installed, wrong GPU, no hub access...
+            log.warning("attention backend %s unavailable: %s", wanted, exc)
+            return f"unavailable: {wanted}: {exc}"
+        return f"on: {wanted}"
+    candidates = CUDA_ATTENTION_PREFERENCE if _is_cuda(device) else ("native",)
+    skipped = []
+    for name in candidates:
+        try:
+            if name != "native":
+                _probe_attention(name, **probe)
+            _set_attention_backend(transformer, name)
+        except Exception as exc:  # noqa: BLE001 - try the next one
+            skipped.append(f"{name} ({type(exc).__name__})")
+            log.info("attention backend %s skipped: %s", name, exc)
+            continue
+        return f"on: {name} (auto" + (f"; skipped {', '.join(skipped)})" if skipped else ")")
+    return f"unavailable: no attention backend passed its probe ({', '.join(skipped)})"
+
+
+# -- 5. fp8 ------------------------------------------------------------------------------
+
+
+def _fp8_linear_filter(module: torch.nn.Module, _fqn: str = "") -> bool:
+    """Linear layers whose sides fit fp8 GEMMs (multiples of 16)."""
+    return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+
+def _fp8_config() -> Any:
+    """torchao's float8 dynamic activation + weight config, per row (new or old torchao API)."""
+    import torchao.quantization as quantization
+
+    per_row = getattr(quantization, "PerRow", None)
+    if per_row is None:
+        from torchao.quantization.granularity import PerRow as per_row  # type: ignore[no-redef]
+    config_class = getattr(quantization, "Float8DynamicActivationFloat8WeightConfig", None)
+    if config_class is not None:
+        return config_class(granularity=per_row())
+    return quantization.float8_dynamic_activation_float8_weight(granularity=per_row())
+
+
+def _apply_fp8(pipeline: Any, opts: Optimizations, device: str | torch.device) -> str:
+    if not opts.fp8:
+        return "off"
+    if not _is_cuda(device) or not torch.cuda.is_available():
+        return f"unavailable: fp8 needs a CUDA GPU of compute capability >= 8.9 (device is {device})"
+    capability = torch.cuda.get_device_capability(torch.device(device))
+    if capability < (8, 9):
+        return f"unavailable: fp8 needs compute capability >= 8.9, this GPU has {capability[0]}.{capability[1]}"
+    try:
+        from torchao.quantization import quantize_
+    except ImportError:
+        return "unavailable: torchao is not installed"
+    transformer = pipeline.transformer
+    if getattr(transformer, "_fluxserve_fp8", False):
+        return "on: float8 dynamic, per row (already applied)"
+    if transformer.dtype != torch.bfloat16:
+        return f"unavailable: fp8 per-row quantization needs bf16 weights, the transformer is {transformer.dtype}"
+    quantize_(transformer, _fp8_config(), filter_fn=_fp8_linear_filter)
+    transformer._fluxserve_fp8 = True
+    return "on: float8 dynamic activations and weights, per row"
+
+
+# -- 6. torch.compile --------------------------------------------------------------------
+
+
+def _inductor_unavailable(device: str | torch.device) -> str | None:
+    """Why inductor cannot compile for ``device`` here, or None."""
+    try:
+        if _is_cuda(device):
+            from torch.utils._triton import has_triton
+
+            return None if has_triton() else "triton is not installed"
+        from torch._inductor import cpp_builder
+
+        compiler = cpp_builder.get_cpp_compiler()
+        return None if shutil.which(compiler) else f"no C++ compiler ({compiler}) for inductor on cpu"
+    except Exception:  # noqa: BLE001 - the check itself failed: let the warm-up tell
+        return None
+
+
+def _compiled_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in transformer.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+
+
+def _uncompile(transformer: torch.nn.Module) -> None:
+    for module in _compiled_blocks(transformer):
+        module._compiled_call_impl = None
+    transformer._fluxserve_compiled = False
+
+
+def _apply_compile(pipeline: Any, opts: Optimizations, device: str | torch.device) -> str:
+    if not opts.compile:
+        return "off"
+    transformer = getattr(pipeline, "transformer", None)
+    if not isinstance(transformer, torch.nn.Module):
+        return "unavailable: the pipeline has no transformer"
+    if getattr(transformer, "_fluxserve_compiled", False):
+        return "on: regional (already applied)"
+    reason = _inductor_unavailable(device)
+    if reason:
+        return f"unavailable: {reason}"
+    kwargs: dict[str, Any] = {"fullgraph": True}
+    if opts.compile_dynamic is not None:
+        kwargs["dynamic"] = opts.compile_dynamic
+    if callable(getattr(transformer, "compile_repeated_blocks", None)) and getattr(transformer, "_repeated_blocks", None):
+        transformer.compile_repeated_blocks(**kwargs)
+        how = "regional (compile_repeated_blocks)"
+    else:
+        blocks = [b for name in ("transformer_blocks", "single_transformer_blocks") for b in getattr(transformer, name, [])]
+        if not blocks:
+            return "unavailable: no repeated transformer blocks to compile"
+        for block in blocks:
+            block.compile(**kwargs)
+        how = "per block"
+    transformer._fluxserve_compiled = True
+    return f"on: {how}, fullgraph; call warm_up() at load"
+
+
+# -- 7. prompt-embedding cache -----------------------------------------------------------
+
+
+class _Uncacheable(Exception):
+    pass
+
+
+def _key_part(value: Any) -> Any:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return (type(value).__name__, value)
+    if isinstance(value, (list, tuple)):
+        return ("seq", tuple(_key_part(v) for v in value))
+    if isinstance(value, (torch.device, torch.dtype)):
+        return (type(value).__name__, str(value))
+    raise _Uncacheable(type(value).__name__)  # tensors (precomputed embeddings) and anything else
+
+
+def _detached(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detached(v) for v in value)
+    return value
+
+
+def _cloned(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cloned(v) for v in value)
+    return value
+
+
+class PromptEmbeddingCache:
+    """A thread-safe LRU of ``encode_prompt`` results.  Stored tensors are never handed out: every
+    hit returns clones, so a caller that changes them in place cannot spoil the cache."""
+
+    def __init__(self, maxsize: int):
+        if maxsize < 1:
+            raise ValueError("maxsize must be at least 1")
+        self.maxsize = maxsize
+        self._entries: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+        self.bypassed = 0
+
+    def lookup(self, key: Any, compute: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                stored = self._entries[key]
+            else:
+                self.misses += 1
+                stored = None
+        if stored is None:
+            stored = _detached(compute())  # outside the lock: other prompts are not held up
+            with self._lock:
+                self._entries[key] = stored
+                self._entries.move_to_end(key)
+                while len(self._entries) > self.maxsize:
+                    self._entries.popitem(last=False)
+        return _cloned(stored)
+
+    def bypass(self) -> None:
+        with self._lock:
+            self.bypassed += 1
+
+    def clear(self, *, reset_stats: bool = True) -> None:
+        """Drop every entry (call it after changing weights, e.g. loading a LoRA)."""
+        with self._lock:
+            self._entries.clear()
+            if reset_stats:
+                self.hits = self.misses = self.bypassed = 0
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"hits": self.hits, "misses": self.misses, "bypassed": self.bypassed,
+                    "size": len(self._entries), "maxsize": self.maxsize}
+
+
+def _encoder_state(pipeline: Any) -> tuple:
+    """What besides the arguments decides an encoding: which text encoders, in what dtype, where."""
+    state: list[Any] = [type(pipeline).__name__]
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(pipeline, name, None)
+        if isinstance(module, torch.nn.Module):
+            parameter = next(module.parameters(), None)
+            state.append((name, id(module), str(getattr(parameter, "dtype", None)), str(getattr(parameter, "device", None))))
+    return tuple(state)
+
+
+def _apply_prompt_cache(pipeline: Any, opts: Optimizations) -> str:
+    if opts.prompt_cache_size <= 0:
+        return "off"
+    existing = pipeline.__dict__.get("_fluxserve_prompt_cache")
+    if existing is not None:
+        return f"on: {existing.maxsize} prompts (already applied)"
+    original = getattr(pipeline, "encode_prompt", None)
+    if not callable(original):
+        return "unavailable: the pipeline has no encode_prompt"
+    signature = inspect.signature(original)
+    cache = PromptEmbeddingCache(opts.prompt_cache_size)
+
+    @functools.wraps(original)
+    def encode_prompt(*args: Any, **kwargs: Any) -> Any:
+        try:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            arguments = dict(bound.arguments)
+            if arguments.get("device", ...) is None:  # the pipeline would pick its execution device
+                arguments["device"] = pipeline._execution_device
+            key = (_encoder_state(pipeline), tuple((name, _key_part(v)) for name, v in sorted(arguments.items())))
+        except (_Uncacheable, TypeError):
+            cache.bypass()
+            return original(*args, **kwargs)
+        return cache.lookup(key, lambda: original(*args, **kwargs))
+
+    pipeline.encode_prompt = encode_prompt
+    pipeline._fluxserve_prompt_cache = cache
+    return f"on: {cache.maxsize} prompts"
+
+
+def prompt_cache_stats(pipeline: Any) -> dict[str, int] | None:
+    """The prompt cache's counters (hits, misses, bypassed, size, maxsize), or None without one."""
+    cache = getattr(pipeline, "_fluxserve_prompt_cache", None)
+    return cache.stats() if cache is not None else None
+
+
+# --------------------------------------------------------------------------------------
+# warm-up
+# --------------------------------------------------------------------------------------
+
+
+def _warm_calls(pipeline: Any, width: int, height: int, steps: int, references: int) -> list[dict[str, Any]]:
+    """Keyword sets for one warm-up at (width, height), shaped like the calls generate.py makes."""
+    from PIL import Image
+
+    base = dict(prompt="warm-up", width=width, height=height, num_inference_steps=steps, output_type="pil")
+    image = Image.new("RGB", (width, height), (127, 127, 127))
+    name = type(pipeline).__name__
+    if "Kontext" in name:
+        return [dict(base, image=image, max_area=width * height, _auto_resize=False)]
+    if "Img2Img" in name:
+        return [dict(base, image=image, strength=1.0)]
+    if "Inpaint" in name:
+        mask = Image.new("L", (width, height), 255)
+        return [dict(base, image=image, mask_image=mask, strength=1.0)]
+    calls = [base]
+    if references > 0 and "image" in inspect.signature(pipeline.__call__).parameters:
+        calls.append(dict(base, image=[image] * references))
+    return calls
+
+
+def warm_up(
+    pipeline: Any, *, sizes: Iterable[tuple[int, int]], steps: int = 1, references: int = 0
+) -> dict[str, float]:
+    """Run one short generation per served ``(width, height)`` so that compilation (and every other
+    first-call cost) happens now, at load, and no request pays for it.  Sides are rounded up to
+    multiples of 16 as generate.py does.  For klein, ``references`` > 0 also warms calls with that
+    many reference images of the same size (their tokens change the transformer's shapes).
+
+    Returns ``{"WxH": seconds}``.  Should a compiled transformer fail here, its blocks go back to
+    eager, the report says compile unavailable, and the warm-up goes on.  Afterwards the prompt
+    cache is emptied and its counters reset.
+    """
+    timings: dict[str, float] = {}
+    transformer = getattr(pipeline, "transformer", None)
+    for width, height in sizes:
+        width, height = (-(-int(width) // 16) * 16), (-(-int(height) // 16) * 16)
+        started = time.perf_counter()
+        for kwargs in _warm_calls(pipeline, width, height, steps, references):
+            generator = torch.Generator("cpu").manual_seed(0)
+            try:
+                pipeline(generator=generator, **kwargs)
+            except Exception as exc:
+                if transformer is None or not getattr(transformer, "_fluxserve_compiled", False):
+                    raise
+                log.error("compiled transformer failed at warm-up (%dx%d); back to eager", width, height, exc_info=True)
+                _uncompile(transformer)
+                report = pipeline.__dict__.get("_fluxserve_optimizations")
+                if report is not None:
+                    report["compile"] = f"unavailable: failed at warm-up: {type(exc).__name__}: {exc}"
+                pipeline(generator=torch.Generator("cpu").manual_seed(0), **kwargs)
+        timings[f"{width}x{height}"] = time.perf_counter() - started
+        log.info("warm-up %s %dx%d: %.1fs", type(pipeline).__name__, width, height, timings[f"{width}x{height}"])
+    cache = pipeline.__dict__.get("_fluxserve_prompt_cache")
+    if cache is not None:
+        cache.clear()
+    return timings
