@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     offload: Literal["none", "model", "sequential"] = Field(
         "none", description="CPU offload for small GPUs: model (per component) or sequential (per layer, slowest)."
     )
+    optimizations: str = Field(
+        "", description='Engine switches on top of the defaults, e.g. "compile,fp8,attention=_native_cudnn" '
+        '(defaults: bf16 on CUDA, truncated Qwen3, prompt cache, channels_last VAE, best attention); "none" for none.'
+    )
+    compile_warm_sizes: list[int] = Field(default_factory=lambda: [512, 1024], description="Sizes warmed at load when compiling.")
     sync_wait_seconds: float = Field(
         30.0, ge=0, description="How long a request waits for its job before answering processing."
     )

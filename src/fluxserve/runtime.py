@@ -51,16 +51,18 @@ def build_enhancer(settings: Settings):
 
 def build_worker(settings: Settings, *, sink=None, commands=None):
     """A worker for these settings (thread or child process: see ``supervisor``)."""
-    from fluxserve.engine.loading import PipelineCache, pick_device, pick_dtype
+    from fluxserve.engine.loading import PipelineCache, pick_device
     from fluxserve.jobs.database import open_database
     from fluxserve.jobs.store import JobStore
     from fluxserve.safety import SafetyChecker
     from fluxserve.storage.local import LocalStorage
     from fluxserve.worker import Worker
 
+    from fluxserve.engine.optimize import Optimizations, compute_dtype
     from fluxserve.engine.residency import Residency, parse_bytes
 
     device = pick_device(settings.device)
+    optimizations = Optimizations.from_strings(settings.optimizations or "")
     residency = Residency(device=device, budget_bytes=parse_bytes(settings.gpu_memory_budget), offload=settings.offload)
     sessions = open_database(settings.resolved_database_url)
     storage_configs, uploader = build_storage(settings, sessions)
@@ -68,7 +70,9 @@ def build_worker(settings: Settings, *, sink=None, commands=None):
         registry=build_registry(settings, build_tiny=False),
         jobs=JobStore(sessions, webhook_retry_seconds=settings.webhook_retry_seconds),
         storage_configs=storage_configs, uploader=uploader, enhancer=build_enhancer(settings),
-        pipelines=PipelineCache(device, pick_dtype(device), residency), safety=SafetyChecker(settings.nsfw_threshold),
+        pipelines=PipelineCache(device, compute_dtype(device, optimizations), residency, optimizations,
+                                tuple(settings.compile_warm_sizes)),
+        safety=SafetyChecker(settings.nsfw_threshold),
         outputs=LocalStorage(settings.outputs_dir, settings.base_url),
         inputs=LocalStorage(settings.inputs_dir, settings.base_url),
         max_attempts=settings.max_job_attempts, lease_seconds=settings.lease_seconds,

@@ -208,7 +208,8 @@ class Worker:
     def report_status(self) -> None:
         try:
             self.sink.status({"models_loaded": self.pipelines.loaded(), "gpu_memory": gpu_memory(),
-                              "device": self.pipelines.device, "residency": self.pipelines.residency.accounting()})
+                              "device": self.pipelines.device, "residency": self.pipelines.residency.accounting(),
+                              "optimizations": self.pipelines.optimization_reports()})
         except Exception:  # noqa: BLE001 - status is best-effort
             log.debug("status report failed", exc_info=True)
 

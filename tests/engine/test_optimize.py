@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -149,6 +150,11 @@ def test_truncated_qwen3_gives_bit_identical_embeddings_and_images(tiny_root):
     assert len(encoder.model.layers) == 28 and encoder.config.num_hidden_layers == 28
     assert encoder.get_output_embeddings() is not None
 
+    # the causal LM the local prompt enhancer generates with is unchanged: same logits
+    ids = plain.tokenizer("a cat on a red chair", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(encoder(input_ids=ids).logits, plain.text_encoder(input_ids=ids).logits)
+
     # and the view really runs fewer layers
     calls = []
     hooks = [layer.register_forward_hook(lambda *_: calls.append(1)) for layer in encoder.model.layers]
@@ -158,6 +164,26 @@ def test_truncated_qwen3_gives_bit_identical_embeddings_and_images(tiny_root):
         for hook in hooks:
             hook.remove()
     assert len(calls) == 27
+
+    # under CPU offload (an accelerate hook on the encoder) the view would skip the hook that
+    # brings the weights to the GPU: the full encoder runs instead
+    calls.clear()
+    encoder._hf_hook = types.SimpleNamespace(execution_device=None)
+    hooks = [layer.register_forward_hook(lambda *_: calls.append(1)) for layer in encoder.model.layers]
+    try:
+        assert torch.equal(truncated.encode_prompt("offloaded")[0], plain.encode_prompt("offloaded")[0])
+    finally:
+        del encoder._hf_hook
+        for hook in hooks:
+            hook.remove()
+    assert len(calls) == 28
+
+    # the view holds the encoder's own parameters: moving or casting the pipeline (residency,
+    # eviction) carries it along
+    truncated.to(torch.bfloat16)
+    plain.to(torch.bfloat16)
+    got = truncated.encode_prompt("cast after truncation")[0]
+    assert got.dtype == torch.bfloat16 and torch.equal(got, plain.encode_prompt("cast after truncation")[0])
 
 
 def test_prompt_cache_gives_identical_images_and_counts_hits(tiny_root):
@@ -184,6 +210,8 @@ def test_prompt_cache_gives_identical_images_and_counts_hits(tiny_root):
     assert cached.encode_prompt("x", prompt_embeds=again)[0].shape == again.shape
     stats = prompt_cache_stats(cached)
     assert stats["bypassed"] == 1 and stats["size"] == 2  # LRU bound
+    entries = list(cached._fluxserve_prompt_cache._entries.values())
+    assert all(stored.tensor.device.type == "cpu" for entry in entries for stored in entry)  # host memory
     cached._fluxserve_prompt_cache.clear()
     assert prompt_cache_stats(cached)["size"] == 0
 
@@ -317,7 +345,7 @@ def test_compile_and_warm_up(tiny_root):
     assert np.abs(compiled - eager).max() <= 2  # fused kernels may differ in the last bits
 
 
-def test_a_failing_compile_falls_back_to_eager_at_warm_up(tiny_root, monkeypatch):
+def test_a_failing_compile_falls_back_to_eager_at_warm_up(tiny_root):
     pipeline = load(tiny_root)
     apply(pipeline, only(compile=False), device="cpu")
     block = pipeline.transformer.transformer_blocks[0]

@@ -53,6 +53,7 @@ async def system_details(server: str, _key: AdminKey, services: ServicesDep) -> 
         "device": status.get("device"),
         "gpu_memory": status.get("gpu_memory"),
         "residency": status.get("residency"),
+        "optimizations": status.get("optimizations"),
         "worker": _host(services).describe(),
     }
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from fluxserve.engine.optimize import Optimizations, apply, warm_up
 from fluxserve.engine.residency import Residency
 from fluxserve.models import ModelSpec
 
@@ -55,9 +56,14 @@ class PipelineCache:
     Pipelines load on the host; ``Residency`` moves each onto the accelerator just before use,
     evicting the least recently used ones when the memory budget would be exceeded."""
 
-    def __init__(self, device: str, dtype: torch.dtype, residency: Residency | None = None):
+    def __init__(
+        self, device: str, dtype: torch.dtype, residency: Residency | None = None,
+        optimizations: Optimizations | None = None, warm_sizes: tuple[int, ...] = (),
+    ):
         self.device = device
         self.dtype = dtype
+        self.optimizations = optimizations or Optimizations.none()
+        self.warm_sizes = warm_sizes  # compiled pipelines are warmed at these square sizes at load
         self._pipelines: dict[tuple[str, str], Any] = {}
         self._lock = threading.RLock()  # on_evict runs inside place(), inside get()
         self.residency = residency or Residency(device=device, budget_bytes=None, on_evict=self._evicted)
@@ -81,7 +87,21 @@ class PipelineCache:
                     self._pipelines[cache_key] = derived
             pipeline = self._pipelines[cache_key]
             self.residency.place(_key(cache_key), pipeline)
+            if "_fluxserve_optimizations" not in pipeline.__dict__:  # once, on the device (fp8 and checks need it)
+                self._optimize(cache_key, spec, pipeline)
             return pipeline
+
+    def _optimize(self, cache_key, spec: ModelSpec, pipeline: Any) -> None:
+        report = apply(pipeline, self.optimizations, device=self.device)
+        log.info("optimizations for %s: %s", _key(cache_key), report)
+        if self.optimizations.compile and self.warm_sizes and cache_key == (spec.pipeline, spec.source):
+            references = 1 if spec.pipeline == "FluxKontextPipeline" else 0
+            timings = warm_up(pipeline, sizes=[(side, side) for side in self.warm_sizes], steps=1, references=references)
+            log.info("compiled %s, warmed at %s", _key(cache_key), timings)
+
+    def optimization_reports(self) -> dict[str, dict[str, str]]:
+        with self._lock:
+            return {_key(k): p.__dict__.get("_fluxserve_optimizations", {}) for k, p in self._pipelines.items()}
 
     def _load(self, spec: ModelSpec) -> Any:
         cache_key = (spec.pipeline, spec.source)
