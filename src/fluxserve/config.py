@@ -37,6 +37,8 @@ class Settings(BaseSettings):
         '(defaults: bf16 on CUDA, truncated Qwen3, prompt cache, channels_last VAE, best attention); "none" for none.'
     )
     compile_warm_sizes: list[int] = Field(default_factory=lambda: [512, 1024], description="Sizes warmed at load when compiling.")
+    max_batch_size: int = Field(1, ge=1, le=16, description="Compatible text-to-image jobs run in one call (1: off).")
+    batch_wait_seconds: float = Field(0.02, ge=0, le=1, description="How long a batch waits for companions.")
     sync_wait_seconds: float = Field(
         30.0, ge=0, description="How long a request waits for its job before answering processing."
     )

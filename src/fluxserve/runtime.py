@@ -70,6 +70,7 @@ def build_worker(settings: Settings, *, sink=None, commands=None):
         registry=build_registry(settings, build_tiny=False),
         jobs=JobStore(sessions, webhook_retry_seconds=settings.webhook_retry_seconds),
         storage_configs=storage_configs, uploader=uploader, enhancer=build_enhancer(settings),
+        max_batch_size=settings.max_batch_size, batch_wait_seconds=settings.batch_wait_seconds,
         pipelines=PipelineCache(device, compute_dtype(device, optimizations), residency, optimizations,
                                 tuple(settings.compile_warm_sizes)),
         safety=SafetyChecker(settings.nsfw_threshold),

@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from contextlib import ExitStack
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -38,6 +39,10 @@ class WorkerSink(Protocol):
     def job_started(self, job_id: int, token: str) -> None: ...
     def job_finished(self, job_id: int, outcome: str, generation_time: float | None, queue_time: float) -> None: ...
     def status(self, status: dict[str, Any]) -> None: ...
+
+
+def _queue_time(job: Job) -> float:
+    return max(0.0, (job.started_at - job.created_at).total_seconds()) if job.started_at else 0.0
 
 
 class NullSink:
@@ -114,8 +119,10 @@ class Worker:
         heartbeat_seconds: float, retention_seconds: float, sink: WorkerSink | None = None,
         commands: "queue.Queue[str] | Any" = None, idle_poll_seconds: float = 0.2,
         storage_configs: StorageConfigs | None = None, uploader: S3Uploader | None = None,
-        enhancer: Any = None,
+        enhancer: Any = None, max_batch_size: int = 1, batch_wait_seconds: float = 0.0,
     ):
+        self.max_batch_size = max_batch_size
+        self.batch_wait_seconds = batch_wait_seconds
         self.storage_configs = storage_configs
         self.uploader = uploader
         self.enhancer = enhancer
@@ -159,10 +166,23 @@ class Worker:
                 log.exception("claiming a job failed")
                 job = None
             if job is not None:
-                self.process(job)
+                batch = self._gather_batch(job)
+                self.process_batch(batch) if len(batch) > 1 else self.process(job)
                 self._drain_commands()
             else:
                 self._wait_for_work()
+
+    def _gather_batch(self, job: Job) -> list[Job]:
+        """Dynamic batching (off at max_batch_size 1): wait briefly for compatible jobs, claim them."""
+        if self.max_batch_size <= 1 or not job.batch_key:
+            return [job]
+        if self.batch_wait_seconds > 0:
+            time.sleep(self.batch_wait_seconds)
+        try:
+            return [job] + self.jobs.claim_compatible(job.batch_key, self.max_batch_size - 1)
+        except Exception:  # noqa: BLE001 - batching is an optimisation; the claimed job still runs
+            log.exception("claiming a batch failed")
+            return [job]
 
     def _wait_for_work(self) -> None:
         try:
@@ -213,24 +233,46 @@ class Worker:
         except Exception:  # noqa: BLE001 - status is best-effort
             log.debug("status report failed", exc_info=True)
 
-    # -- one job --------------------------------------------------------------------------------
+    # -- one job, or a batch of compatible ones ----------------------------------------------
     def process(self, job: Job) -> None:
         self.sink.job_started(job.id, job.claim_token)
-        queue_time = max(0.0, (job.started_at - job.created_at).total_seconds()) if job.started_at else 0.0
-        outcome, generation_time = "failed", None
+        queue_time = _queue_time(job)
         with _Claim(self.jobs, job, self.heartbeat_seconds) as claim:
-            try:
-                generation_time = self._generate_and_store(job, claim)
-                outcome = "succeeded" if generation_time is not None else "lost"
-            except JobAborted:
-                outcome = "lost"
-                log.warning("job %s: claim lost mid-run; its new owner will finish it", job.id)
-            except (ModelLoadError, StorageUnavailable, UploadError) as exc:
-                self.jobs.fail(job.id, job.claim_token, str(exc))
-            except Exception as exc:  # noqa: BLE001 - the job fails with a message, the worker lives
-                self.jobs.fail(job.id, job.claim_token, self._failure_message(job, exc))
+            outcome, generation_time = self._guarded(job, lambda: self._run_solo(job, claim))
         self.sink.job_finished(job.id, outcome, generation_time, queue_time)
         self.report_status()
+
+    def process_batch(self, jobs: list[Job]) -> None:
+        """Compatible text-to-image jobs in one pipeline call; if that call fails, each job runs
+        alone (so one bad job or an out-of-memory batch costs no other job its result)."""
+        for job in jobs:
+            self.sink.job_started(job.id, job.claim_token)
+        with ExitStack() as stack:
+            claims = [stack.enter_context(_Claim(self.jobs, job, self.heartbeat_seconds)) for job in jobs]
+            try:
+                results = self._run_batch(jobs, claims)
+            except Exception:  # noqa: BLE001 - retried one by one below
+                log.warning("batch of jobs %s failed; running them one by one", [j.id for j in jobs], exc_info=True)
+                self.pipelines.release_memory()
+                results = [self._guarded(job, lambda job=job, claim=claim: self._run_solo(job, claim))
+                           for job, claim in zip(jobs, claims)]
+        for job, (outcome, generation_time) in zip(jobs, results):
+            self.sink.job_finished(job.id, outcome, generation_time, _queue_time(job))
+        self.report_status()
+
+    def _guarded(self, job: Job, run) -> tuple[str, float | None]:
+        """Run one job's work; every failure becomes that job's recorded failure."""
+        try:
+            generation_time = run()
+            return ("succeeded" if generation_time is not None else "lost"), generation_time
+        except JobAborted:
+            log.warning("job %s: claim lost mid-run; its new owner will finish it", job.id)
+            return "lost", None
+        except (ModelLoadError, StorageUnavailable, UploadError) as exc:
+            self.jobs.fail(job.id, job.claim_token, str(exc))
+        except Exception as exc:  # noqa: BLE001 - the job fails with a message, the worker lives
+            self.jobs.fail(job.id, job.claim_token, self._failure_message(job, exc))
+        return "failed", None
 
     def _failure_message(self, job: Job, exc: Exception) -> str:
         if isinstance(exc, out_of_memory_error()):
@@ -240,17 +282,42 @@ class Worker:
         log.exception("job %s failed", job.id)
         return f"Generation failed: {type(exc).__name__}: {exc}"
 
-    def _generate_and_store(self, job: Job, claim: _Claim) -> float | None:
+    def _prepare(self, job: Job):
         params = JobParams.from_dict(job.params)
-        spec = self.registry.get(params.model)
-        references = [self._load_input(name) for name in params.inputs]
-        second = self._load_input(params.input_2) if params.input_2 else None
         meta = dict(job.meta)
         if params.enhance_prompt:
             params.prompt = self._enhance(params.prompt, meta)
+        return params, self.registry.get(params.model), meta
+
+    def _run_solo(self, job: Job, claim: _Claim) -> float | None:
+        params, spec, meta = self._prepare(job)
+        references = [self._load_input(name) for name in params.inputs]
+        second = self._load_input(params.input_2) if params.input_2 else None
         self.pipelines.get(spec)  # load outside the timed section: generationTime is generation
         started = time.perf_counter()
         images = self.generator.run(spec, params, references, second, progress=claim.progress)
+        return self._finish(job, params, meta, images, started)
+
+    def _run_batch(self, jobs: list[Job], claims: list[_Claim]) -> list[tuple[str, float | None]]:
+        prepared = [self._prepare(job) for job in jobs]
+        spec = prepared[0][1]
+        self.pipelines.get(spec)
+        started = time.perf_counter()
+
+        def progress(step: int, total: int) -> None:
+            for claim in claims:
+                claim.progress(step, total)
+
+        batches = self.generator.run_batch(spec, [params for params, _, _ in prepared], progress=progress)
+        results = []
+        for job, (params, _, meta), images in zip(jobs, prepared, batches):
+            meta["batch_size"] = len(jobs)  # shared a pipeline call with this many jobs
+            results.append(self._guarded(job, lambda job=job, params=params, meta=meta, images=images:
+                                         self._finish(job, params, meta, images, started)))
+        return results
+
+    def _finish(self, job: Job, params: JobParams, meta: dict[str, Any], images, started: float) -> float | None:
+        """Safety check, store (and upload), and record the success exactly once."""
         nsfw = False
         if params.safety_checker:
             images, scores, nsfw = self.safety.filter(images)

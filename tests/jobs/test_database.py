@@ -23,7 +23,7 @@ from tests.support.postgres import PostgresUnavailable, create_database, postgre
 _db_names = itertools.count(1)
 
 NEW_JOB_COLUMNS = {"webhook", "track_id", "claim_token", "heartbeat_at", "progress_step", "progress_total",
-                   "expires_at", "expired_at", "output_urls"}
+                   "expires_at", "expired_at", "output_urls", "batch_key"}
 CREATED = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
 
 
@@ -235,7 +235,7 @@ def test_upgrade_schema_reports_what_it_added(old_database, db_url):
     try:
         added = upgrade_schema(engine)
         assert sorted(added) == sorted([f"jobs.{name}" for name in NEW_JOB_COLUMNS] + ["api_keys.webhook_secret"]
-                                       + ["ix_jobs_heartbeat_at", "ix_jobs_expires_at"])
+                                       + ["ix_jobs_heartbeat_at", "ix_jobs_expires_at", "ix_jobs_batch_key"])
         assert upgrade_schema(engine) == []
     finally:
         engine.dispose()

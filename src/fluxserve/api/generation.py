@@ -32,6 +32,14 @@ from fluxserve.storage.local import LocalStorage
 POLL_SECONDS = 1.0  # fallback polling when the worker runs elsewhere
 
 
+def batch_key(model: str, params: JobParams) -> str | None:
+    """Jobs with equal keys may run in one pipeline call (dynamic batching): text-to-image with
+    the same model, size, steps and guidance. Image-to-image jobs never batch."""
+    if params.task != "text2img":
+        return None
+    return f"{model}|{params.width}x{params.height}|{params.steps}|{params.guidance}"
+
+
 @dataclass
 class GenerationService:
     settings: Settings
@@ -57,7 +65,7 @@ class GenerationService:
         job = await run_in_threadpool(
             self.jobs.create, key_id=key.id, server=request.server, model=spec.name, task=request.task,
             params=params.to_dict(), meta=self._meta(request, spec, params, file_prefix), file_prefix=file_prefix,
-            webhook=request.webhook, track_id=request.track_id,
+            webhook=request.webhook, track_id=request.track_id, batch_key=batch_key(spec.name, params),
         )
         self.metrics.jobs_submitted.labels(spec.name).inc()
         self.events.job_queued()

@@ -90,6 +90,27 @@ class Generator:
             images.append(_crop_to(image.convert("RGB"), params.width, params.height))
         return images
 
+    def run_batch(self, spec: ModelSpec, jobs: list[JobParams], progress=None) -> list[list[Image.Image]]:
+        """Several compatible text-to-image jobs (same model, size, steps, guidance) in one
+        pipeline call: one prompt and one seeded generator per image. Returns each job's images.
+        Batched kernels are not bit-identical to solo runs (measured: ~1e-5 in fp32 on CPU)."""
+        first = jobs[0]
+        if spec.pipeline != "Flux2KleinPipeline" or any(p.task != "text2img" for p in jobs):
+            raise ValueError("only FLUX.2 klein text-to-image jobs are batched")
+        prompts = [p.prompt for p in jobs for _ in p.seeds]
+        generators = [_generator(seed) for p in jobs for seed in p.seeds]
+        extra = {"callback_on_step_end": _step_callback(progress, 0, 1)} if progress else {}
+        images = self.pipelines.get(spec)(
+            prompt=prompts, height=_latent_size(first.height), width=_latent_size(first.width),
+            num_inference_steps=first.steps, guidance_scale=first.guidance, generator=generators,
+            num_images_per_prompt=1, output_type="pil", **extra,
+        ).images
+        out, start = [], 0
+        for p in jobs:
+            out.append([_crop_to(image.convert("RGB"), p.width, p.height) for image in images[start:start + len(p.seeds)]])
+            start += len(p.seeds)
+        return out
+
     def _call_for(self, spec, params, references, second):
         """A function of one generator that runs the right pipeline with everything else bound."""
         width, height = _latent_size(params.width), _latent_size(params.height)

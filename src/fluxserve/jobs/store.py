@@ -41,10 +41,12 @@ class JobStore:
     def create(
         self, *, key_id: int, server: str, model: str, task: str, params: dict[str, Any],
         meta: dict[str, Any], file_prefix: str, webhook: str | None = None, track_id: str | None = None,
+        batch_key: str | None = None,
     ) -> Job:
         job = Job(
             key_id=key_id, server=server, model=model, task=task, status=JobStatus.QUEUED.value,
             params=params, meta=meta, file_prefix=file_prefix, outputs=[], webhook=webhook, track_id=track_id,
+            batch_key=batch_key,
         )
         with self._sessions.begin() as session:
             session.add(job)
@@ -131,6 +133,26 @@ class JobStore:
                 ).rowcount
             if claimed:  # another worker may have won the race: then try the next one
                 return self.get(job_id)
+
+    def claim_compatible(self, batch_key: str, limit: int) -> list[Job]:
+        """Claim up to ``limit`` more queued jobs that may share one pipeline call (FIFO)."""
+        claimed: list[Job] = []
+        with self._sessions() as session:
+            candidates = list(session.scalars(
+                select(Job.id).where(Job.status == JobStatus.QUEUED.value, Job.batch_key == batch_key)
+                .order_by(Job.id).limit(limit)
+            ))
+        for job_id in candidates:
+            with self._sessions.begin() as session:
+                now = utcnow()
+                won = session.execute(
+                    update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+                    .values(status=JobStatus.RUNNING.value, started_at=now, heartbeat_at=now,
+                            claim_token=str(uuid.uuid4()), attempts=Job.attempts + 1, progress_step=0, progress_total=0)
+                ).rowcount
+            if won:
+                claimed.append(self.get(job_id))
+        return claimed
 
     def heartbeat(self, job_id: int, token: str, step: int | None = None, total: int | None = None) -> bool:
         """Keep the claim alive (and record progress). False: the job is no longer ours."""

@@ -87,6 +87,7 @@ class Job(Base):
     expires_at: Mapped[datetime | None] = mapped_column(nullable=True, index=True)
     expired_at: Mapped[datetime | None] = mapped_column(nullable=True)
     output_urls: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)  # set when stored remotely (S3)
+    batch_key: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)  # jobs that may share a call
 
 
 class StorageConfig(Base):
