@@ -34,6 +34,18 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+THREADS_HELP = ("torch intra-op threads (torch.set_num_threads); default: 1 on CPU (on a shared machine with few "
+                "cores, OpenMP teams of 2+ threads stall at barriers and times swing by 10-40x), torch's own on GPU; "
+                "0: torch's own")
+
+
+def set_threads(threads: int | None, device: str) -> None:
+    if threads is None:
+        threads = 1 if device == "cpu" else 0
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def device_and_dtype() -> tuple[str, torch.dtype]:
     """What the service would pick (``fluxserve.engine.loading``): cuda+bf16, else cpu+fp32."""
     from fluxserve.engine.loading import pick_device, pick_dtype
@@ -48,14 +60,23 @@ def tiny_klein_folder(root: Path) -> Path:
     return build_tiny_models(root)["flux2-klein"]
 
 
-def load_tiny_klein(folder: Path, device: str, dtype: torch.dtype) -> Any:
-    """The tiny klein pipeline loaded exactly as ``PipelineCache._load`` loads it."""
+def load_klein_folder(folder: Path, device: str, dtype: torch.dtype) -> Any:
+    """A saved klein pipeline loaded as the service loads it (``from_pretrained`` in the service's
+    dtype), then put on ``device``."""
     from diffusers import Flux2KleinPipeline
 
     pipeline = Flux2KleinPipeline.from_pretrained(folder, dtype=dtype)
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def release_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def environment(device: str, dtype: torch.dtype) -> dict[str, Any]:

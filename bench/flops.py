@@ -20,7 +20,7 @@ _CATEGORIES = {"mm": "linear", "addmm": "linear", "linear": "linear", "bmm": "at
 
 
 def _category(op: str) -> str:
-    if op.startswith("_scaled_dot_product") or op.startswith("_flash_attention") or op.startswith("_efficient_attention"):
+    if op.startswith(("_scaled_dot_product", "_flash_attention", "_efficient_attention")):
         return "attention"
     return _CATEGORIES.get(op, "other")
 
@@ -63,13 +63,26 @@ def transformer_step_flops(transformer: Any, height: int, width: int, text_token
     return result
 
 
-def text_encoder_flops(text_encoder: Any, text_tokens: int = 512) -> dict[str, float]:
-    """The Qwen3 forward as the pipeline runs it: all layers and the LM head, 512 padded tokens."""
+def text_encoder_flops(text_encoder: Any, text_tokens: int = 512, layers: int | None = None) -> dict[str, Any]:
+    """The Qwen3 forward as the pipeline runs it: all layers and the LM head, 512 padded tokens;
+    with ``layers``, only the first ``layers`` decoder layers and no LM head (the service's
+    truncated encoder)."""
     meta = torch.device("meta")
     ids = torch.zeros(1, text_tokens, dtype=torch.long, device=meta)
     # a 4D (additive) mask: the 2D one is inspected with data-dependent checks meta tensors cannot answer
     mask = torch.zeros(1, 1, text_tokens, text_tokens, device=meta)
-    return _count(lambda: text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False))
+    model = text_encoder
+    if layers is not None:
+        import copy
+
+        from transformers import Qwen3Model
+
+        config = copy.deepcopy(text_encoder.config)
+        config.num_hidden_layers = layers
+        config.layer_types = list(config.layer_types)[:layers] if getattr(config, "layer_types", None) else None
+        with meta:
+            model = Qwen3Model(config)
+    return _count(lambda: model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False))
 
 
 def vae_decode_flops(vae: Any, height: int, width: int) -> dict[str, float]:
@@ -79,13 +92,15 @@ def vae_decode_flops(vae: Any, height: int, width: int) -> dict[str, float]:
     return _count(lambda: vae.decode(latents, return_dict=False))
 
 
-def pipeline_flops(source: str | Any, height: int, width: int, text_tokens: int = 512) -> dict[str, dict]:
-    """FLOPs of text encoding, one step and VAE decode, for a scale name or a built pipeline."""
+def pipeline_flops(source: str | Any, height: int, width: int, text_tokens: int = 512,
+                   text_layers: int | None = None) -> dict[str, dict]:
+    """FLOPs of text encoding, one step and VAE decode, for a scale name or a built pipeline
+    (``text_layers``: a text encoder truncated to that many layers)."""
     from bench.models import meta_components
 
     parts = meta_components(source)
     return {
-        "text_encoding": text_encoder_flops(parts["text_encoder"], text_tokens),
+        "text_encoding": text_encoder_flops(parts["text_encoder"], text_tokens, text_layers),
         "step": transformer_step_flops(parts["transformer"], height, width, text_tokens),
         "vae_decode": vae_decode_flops(parts["vae"], height, width),
     }

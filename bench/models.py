@@ -76,7 +76,9 @@ def vae_config(scale: str) -> dict[str, Any]:
 def _building(device: str | torch.device, dtype: torch.dtype, seed: int) -> Iterator[None]:
     """Allocate new modules on ``device`` in ``dtype``, with seeded RNGs; restore everything after."""
     device = torch.device(device)
-    devices = [device] if device.type == "cuda" else []
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    devices = [device.index] if device.type == "cuda" else []
     previous = torch.get_default_dtype()
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)

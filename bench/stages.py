@@ -2,11 +2,13 @@
 denoising step is to the GPU's roofline. Usage:
 
     python -m bench.stages --scale small|true|tiny --size 1024 --steps 4 [--repeats 3] \\
-        [--peak-tflops 989] [--threads N] [--json bench/stages.json]
+        [--optimizations none|default|SPEC] [--peak-tflops 989] [--threads N] [--json bench/stages.json]
     python -m bench.stages --scale true --size 1024 --flops-only   # FLOP counts only (no GPU needed)
 
 Stages, timed inside one ordinary ``pipeline(...)`` call (the service's klein text2img call), after
-one warm-up generation, median of --repeats:
+one warm-up generation, median of --repeats; with --optimizations, after the service's engine
+switches (``fluxserve.engine.optimize.apply``) were applied to the pipeline, as its cache does
+(each generation has a prompt of its own, so a prompt cache never hits):
   text encoding   ``pipeline.encode_prompt`` (tokenize + Qwen3 forward + stacking layers 9/18/27)
   step i          transformer forward + scheduler step of step i (from a forward pre-hook on the
                   transformer to ``callback_on_step_end``)
@@ -30,22 +32,32 @@ PNG compresses badly: the png stage is pessimistic compared with real pictures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    GPU_ONLY_MESSAGE, SCALES, device_and_dtype, environment, load_tiny_klein, print_table, quiet_libraries,
-    tiny_klein_folder,
+    GPU_ONLY_MESSAGE, SCALES, THREADS_HELP, device_and_dtype, environment, load_klein_folder, print_table,
+    quiet_libraries, set_threads, tiny_klein_folder,
 )
 
 PROMPT = "a photo of a cat sitting on a red chair"
-TABLE_HEADERS = ["stage", "ms", "% of total", "TFLOP", "% of peak"]
+TEXT_LAYERS = (9, 18, 27)  # the Qwen3 hidden states klein reads
+TABLE_HEADERS = ["stage", "ms", "% of total", "FLOP", "% of peak"]
+
+
+def _si(flops: float) -> str:
+    for scale, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M")):
+        if flops >= scale:
+            return f"{flops / scale:.2f} {unit}"
+    return f"{flops:.0f}"
 
 
 class Marks:
@@ -78,10 +90,26 @@ class Marks:
 
 def build_pipeline(scale: str, device: str, dtype, work: Path, seed: int):
     if scale == "tiny":
-        return load_tiny_klein(tiny_klein_folder(work / "tiny-models"), device, dtype)
+        return load_klein_folder(tiny_klein_folder(work / "tiny-models"), device, dtype)
     from bench.models import build_klein_pipeline
 
     return build_klein_pipeline(scale, device, dtype, seed=seed)
+
+
+@contextlib.contextmanager
+def _wrapped(owner: Any, name: str, wrap) -> Iterator[None]:
+    """``owner.name`` replaced by ``wrap(owner.name)`` for the block; an instance attribute that
+    was there before (e.g. the prompt cache's wrapper) is put back, else the class's shows again."""
+    had = name in owner.__dict__
+    previous = owner.__dict__.get(name)
+    setattr(owner, name, wrap(getattr(owner, name)))
+    try:
+        yield
+    finally:
+        if had:
+            setattr(owner, name, previous)
+        else:
+            delattr(owner, name)
 
 
 def one_generation(pipeline, args, safety, storage, cuda: bool, index: int) -> dict[str, float]:
@@ -92,15 +120,16 @@ def one_generation(pipeline, args, safety, storage, cuda: bool, index: int) -> d
 
     marks = Marks(cuda)
     step = {"i": 0}
-    encode, decode, postprocess = pipeline.encode_prompt, pipeline.vae.decode, pipeline.image_processor.postprocess
 
-    def timed(name, fn):
-        def wrapper(*a, **k):
-            marks.mark(f"{name}:start")
-            out = fn(*a, **k)
-            marks.mark(f"{name}:end")
-            return out
-        return wrapper
+    def timed(name):
+        def wrap(fn):
+            def wrapper(*a, **k):
+                marks.mark(f"{name}:start")
+                out = fn(*a, **k)
+                marks.mark(f"{name}:end")
+                return out
+            return wrapper
+        return wrap
 
     def pre_hook(_module, _args, _kwargs):
         marks.mark(f"step{step['i']}:start")
@@ -110,19 +139,18 @@ def one_generation(pipeline, args, safety, storage, cuda: bool, index: int) -> d
         step["i"] = i + 1
         return callback_kwargs
 
-    pipeline.encode_prompt = timed("text_encoding", encode)
-    pipeline.vae.decode = timed("vae_decode", decode)
-    pipeline.image_processor.postprocess = timed("to_pil", postprocess)
-    handle = pipeline.transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_wrapped(pipeline, "encode_prompt", timed("text_encoding")))
+        stack.enter_context(_wrapped(pipeline.vae, "decode", timed("vae_decode")))
+        stack.enter_context(_wrapped(pipeline.image_processor, "postprocess", timed("to_pil")))
+        stack.callback(pipeline.transformer.register_forward_pre_hook(pre_hook, with_kwargs=True).remove)
         marks.mark("call:start")
-        image = pipeline(prompt=PROMPT, height=args.size, width=args.size, num_inference_steps=args.steps,
-                         guidance_scale=1.0, output_type="pil", callback_on_step_end=on_step_end,
+        # a prompt of its own per generation: a prompt cache (--optimizations) must not hit
+        image = pipeline(prompt=f"{PROMPT} ({index})", height=args.size, width=args.size,
+                         num_inference_steps=args.steps, guidance_scale=1.0, output_type="pil",
+                         callback_on_step_end=on_step_end,
                          generator=torch.Generator("cpu").manual_seed(args.seed + index)).images[0]
         marks.mark("call:end")
-    finally:
-        handle.remove()
-        del pipeline.encode_prompt, pipeline.vae.decode, pipeline.image_processor.postprocess
     at = marks.seconds()
     stages = {"text_encoding": at["text_encoding:end"] - at["text_encoding:start"]}
     for i in range(args.steps):
@@ -143,24 +171,31 @@ def one_generation(pipeline, args, safety, storage, cuda: bool, index: int) -> d
     return stages
 
 
-def flops_for(pipeline_or_scale, size: int) -> dict[str, dict]:
+def flops_for(pipeline_or_scale, size: int, text_layers: int | None = None) -> dict[str, dict]:
     from bench.flops import pipeline_flops
 
-    return pipeline_flops(pipeline_or_scale, size, size)
+    return pipeline_flops(pipeline_or_scale, size, size, text_layers=text_layers)
+
+
+def apply_optimizations(pipeline, spec: str, device: str) -> dict[str, str]:
+    """The service's engine switches (``fluxserve.engine.optimize``), applied in place as its
+    pipeline cache does; "none" leaves the plain diffusers pipeline."""
+    if spec == "none":
+        return {}
+    from fluxserve.engine.optimize import Optimizations, apply
+
+    return apply(pipeline, Optimizations.from_strings("" if spec == "default" else spec), device=device)
 
 
 def _flops_line(name: str, f: dict[str, Any]) -> str:
-    parts = [f"{k} {f[k] / 1e12:.3f}" for k in ("linear", "attention", "convolution", "other") if f[k]]
-    return f"  {name:<14} {f['total'] / 1e12:8.3f} TFLOP  ({' + '.join(parts)})"
+    parts = [f"{k} {_si(f[k])}" for k in ("linear", "attention", "convolution", "other") if f[k]]
+    return f"  {name:<14} {_si(f['total']):>9}FLOP  ({' + '.join(parts)})"
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
     quiet_libraries()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device, dtype = device_and_dtype()
+    set_threads(args.threads, device)
     cuda = device.startswith("cuda")
     work = Path(tempfile.mkdtemp(prefix="fluxserve-stages-"))
     try:
@@ -176,7 +211,9 @@ def _measure(args: argparse.Namespace, device: str, dtype, cuda: bool, work: Pat
     started = time.perf_counter()
     pipeline = build_pipeline(args.scale, device, dtype, work, args.seed)
     build_s = time.perf_counter() - started
-    flops = flops_for(pipeline, args.size)
+    applied = apply_optimizations(pipeline, args.optimizations, device)
+    truncated = str(applied.get("truncate_text_encoder", "")).startswith("on")
+    flops = flops_for(pipeline, args.size, text_layers=max(TEXT_LAYERS) if truncated else None)
     safety = SafetyChecker(args.nsfw_threshold)
     storage = LocalStorage(work / "outputs", "http://127.0.0.1")
     one_generation(pipeline, args, safety, storage, cuda, index=-1)  # warm-up (kernels, ONNX model load)
@@ -199,7 +236,9 @@ def _measure(args: argparse.Namespace, device: str, dtype, cuda: bool, work: Pat
         "command": "python -m bench.stages " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "config": {"scale": args.scale, "size": args.size, "steps": args.steps, "repeats": args.repeats,
-                   "seed": args.seed, "peak_tflops": args.peak_tflops, "timer": "cuda events" if cuda else "perf_counter",
+                   "optimizations": args.optimizations, "applied": applied,
+                   "seed": args.seed, "peak_tflops": args.peak_tflops,
+                   "timer": "cuda events" if cuda else "perf_counter",
                    "build_s": build_s},
         "environment": environment(device, dtype),
         "flops": flops,
@@ -217,14 +256,17 @@ def _measure(args: argparse.Namespace, device: str, dtype, cuda: bool, work: Pat
 
 def print_report(result: dict[str, Any]) -> None:
     config, env = result["config"], result["environment"]
-    print(f"stages of one FLUX.2 klein text2img generation: scale {config['scale']}, {config['size']}x{config['size']}, "
+    size = f"{config['size']}x{config['size']}"
+    print(f"stages of one FLUX.2 klein text2img generation: scale {config['scale']}, {size}, "
           f"{config['steps']} steps, median of {config['repeats']} after a warm-up, timer {config['timer']}")
     print(f"device {env['device']} ({env.get('gpu', env['machine'])}), {env['dtype']}, torch {env['torch']}, "
           f"diffusers {env['diffusers']}, {env['torch_threads']} torch threads")
+    applied = "; ".join(f"{k}: {v}" for k, v in config["applied"].items()) or "none (the plain diffusers pipeline)"
+    print(f"engine switches: {applied}")
     print()
     table = [[r["stage"], f"{r['ms']:.2f}", f"{r['pct_of_total']:.1f}",
-              f"{r['tflop']:.4f}" if r["tflop"] is not None else "",
-              f"{r['pct_of_peak']:.2f}" if r["pct_of_peak"] is not None else ""] for r in result["rows"]]
+              _si(r["tflop"] * 1e12) if r["tflop"] is not None else "",
+              f"{r['pct_of_peak']:.3g}" if r["pct_of_peak"] is not None else ""] for r in result["rows"]]
     table.append(["total", f"{result['total_s'] * 1000:.2f}", "100.0", "", ""])
     print_table(TABLE_HEADERS, table)
     print()
@@ -234,8 +276,8 @@ def print_report(result: dict[str, Any]) -> None:
     print(_flops_line("one step", flops["step"]))
     print(_flops_line("vae decode", flops["vae_decode"]))
     label = "" if result["roofline_meaningful"] else "  (CPU: not meaningful)"
-    print(f"roofline: step {result['step_s'] * 1000:.2f} ms (median) for {result['step_flops'] / 1e12:.3f} TFLOP -> "
-          f"{100 * result['roofline_fraction']:.2f}% of {config['peak_tflops']:.0f} TFLOP/s{label}")
+    print(f"roofline: step {result['step_s'] * 1000:.2f} ms (median) for {_si(result['step_flops'])}FLOP -> "
+          f"{100 * result['roofline_fraction']:.3g}% of {config['peak_tflops']:.0f} TFLOP/s{label}")
 
 
 def flops_only(args: argparse.Namespace) -> int:
@@ -263,8 +305,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="measured generations (median), after a warm-up")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="roofline peak (H100/H200 bf16 dense: 989)")
+    parser.add_argument("--optimizations", default="none",
+                        help='the service\'s engine switches to apply first (FLUXSERVE_OPTIMIZATIONS syntax; '
+                             '"default": the service\'s defaults; default here: "none", the plain pipeline)')
     parser.add_argument("--nsfw-threshold", type=float, default=0.5)
-    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     parser.add_argument("--flops-only", action="store_true", help="print FLOP counts and exit (no GPU needed)")
     parser.add_argument("--force", action="store_true", help="run --scale true without a GPU")
     parser.add_argument("--json", type=Path, default=None, help="write the raw numbers here")

@@ -1,0 +1,108 @@
+"""The benchmarks in bench/ run end to end at their smallest scales and write their raw numbers;
+the true-size configs match MODELS.md and PERFORMANCE.md (built on the meta device: no memory).
+No timing is asserted: only exit codes, tables, JSON keys, sizes and FLOP counts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(module: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_service_vs_bare_runs_end_to_end_on_the_tiny_pipelines(tmp_path):
+    out = tmp_path / "service_vs_bare.json"
+    done = _run("bench.service_vs_bare", "--scale", "tiny", "--size", "256", "--steps", "2", "--requests", "4",
+                "--clients", "1,4", "--rounds", "1", "--optimizations", "none;default", "--json", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "mode" in done.stdout and "per image s" in done.stdout and "vs bare" in done.stdout
+    # the plain pipeline inside the service: same weights, prompts and seeds -> same pixels, over HTTP too
+    assert "[none] identical: yes" in done.stdout
+    assert "[default] identical:" in done.stdout
+    result = json.loads(out.read_text())
+    assert {"config", "environment", "runs", "rows", "identical", "identity", "applied"} <= set(result)
+    assert result["identical"]["none"] is True
+    assert result["identity"]["none"]["compared_images"] == 4
+    assert set(result["identity"]["default"]) == {"identical", "identical_images", "compared_images",
+                                                  "max_pixel_difference"}
+    modes = [(row["mode"], row["optimizations"], row["clients"]) for row in result["rows"]]
+    assert modes == [("bare", "-", 1),
+                     ("service sequential", "none", 1), ("service throughput", "none", 1),
+                     ("service throughput", "none", 4),
+                     ("service sequential", "default", 1), ("service throughput", "default", 1),
+                     ("service throughput", "default", 4)]
+    for row in result["rows"]:
+        assert {"total_s", "per_image_s", "p50_s", "p95_s", "images_per_s", "ratio_to_bare", "overhead_pct"} <= set(row)
+        assert row["requests"] == 4 and row["total_s"] > 0 and row["runs"] >= 1
+    assert len(result["runs"]["bare"]) == 2  # bare brackets the service runs
+    assert [len(run["latencies_s"]) for run in result["runs"]["none|sequential"]] == [4]
+
+
+def test_stages_runs_end_to_end_at_small_scale(tmp_path):
+    out = tmp_path / "stages.json"
+    done = _run("bench.stages", "--scale", "small", "--size", "256", "--steps", "2", "--repeats", "1",
+                "--optimizations", "default", "--json", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "stage" in done.stdout and "% of total" in done.stdout and "% of peak" in done.stdout
+    assert "(CPU: not meaningful)" in done.stdout
+    assert "engine switches: " in done.stdout
+    result = json.loads(out.read_text())
+    assert {"config", "environment", "flops", "rows", "median_s", "total_s", "step_s", "step_flops",
+            "roofline_fraction"} <= set(result)
+    stages = [row["stage"] for row in result["rows"]]
+    assert stages == ["text_encoding", "step_1", "step_2", "vae_decode", "to_pil", "other", "safety_check",
+                      "png_encode", "store"]
+    assert result["step_flops"] == result["flops"]["step"]["total"] > 0
+    assert result["flops"]["step"]["tokens"] == (256 // 16) ** 2 + 512
+
+
+def test_true_scale_components_have_the_published_sizes():
+    import torch
+
+    from bench.models import build_klein_pipeline
+
+    pipeline = build_klein_pipeline("true", device="meta", dtype=torch.bfloat16)  # the GPU build, without memory
+    counts = {name: sum(p.numel() for p in getattr(pipeline, name).parameters())
+              for name in ("transformer", "text_encoder", "vae")}
+    assert round(counts["transformer"] / 1e9, 2) == 3.88
+    assert round(counts["text_encoder"] / 1e9, 2) == 4.02
+    assert 80e6 < counts["vae"] < 90e6
+    assert {p.dtype for p in pipeline.transformer.parameters()} == {torch.bfloat16}
+    assert len(pipeline.tokenizer) <= pipeline.text_encoder.config.vocab_size
+    assert torch.get_default_dtype() == torch.float32  # restored after the build
+
+
+def test_true_scale_step_flops_match_the_roofline_in_performance_md():
+    from bench.flops import pipeline_flops
+
+    flops = pipeline_flops("true", 1024, 1024)
+    assert flops["step"]["total"] == pytest.approx(34.8e12, rel=0.005)
+    assert flops["step"]["linear"] == pytest.approx(28.3e12, rel=0.005)
+    assert flops["step"]["attention"] == pytest.approx(6.5e12, rel=0.01)
+    assert flops["vae_decode"]["total"] == pytest.approx(10.5e12, rel=0.01)
+    assert flops["text_encoding"]["total"] == pytest.approx(4.27e12, rel=0.01)  # 36 layers + LM head
+    truncated = pipeline_flops("true", 1024, 1024, text_layers=27)["text_encoding"]  # the service's view
+    assert truncated["total"] == pytest.approx(2.9e12, rel=0.01)
+
+
+def test_true_scale_is_refused_on_cpu_without_force(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: true scale runs")
+    from bench import service_vs_bare, stages
+
+    assert service_vs_bare.main(["--scale", "true"]) == 2
+    assert stages.main(["--scale", "true"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
