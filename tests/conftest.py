@@ -11,7 +11,21 @@ import pytest
 from PIL import Image
 
 from fluxserve.engine.tiny import build_tiny_models
+from tests.support.postgres import PostgresUnavailable, postgres_required, running_postgres
 from tests.support.servers import live_server, static_server
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory):
+    """URL of one real PostgreSQL server for the whole run (skipped if absent, unless required:
+    FLUXSERVE_REQUIRE_POSTGRES=1, as in CI). Tests create their own databases on it."""
+    try:
+        with running_postgres(tmp_path_factory.mktemp("postgres")) as url:
+            yield url
+    except PostgresUnavailable as exc:
+        if postgres_required():
+            pytest.fail(f"FLUXSERVE_REQUIRE_POSTGRES=1 but {exc}")
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="session")

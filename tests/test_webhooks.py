@@ -30,7 +30,7 @@ from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.tables import WebhookDelivery, utcnow
 from fluxserve.keys import KeyStore
 from fluxserve.webhooks import WebhookDispatcher, backoff_seconds, parse_retry_after, serialize, sign, verify
-from tests.support.postgres import PostgresUnavailable, create_database, postgres_required, running_postgres
+from tests.support.postgres import create_database
 
 _db_names = itertools.count(1)
 
@@ -145,17 +145,6 @@ def receiver():
 
 
 # -- databases -------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def postgres_server(tmp_path_factory):
-    try:
-        with running_postgres(tmp_path_factory.mktemp("postgres")) as url:
-            yield url
-    except PostgresUnavailable as exc:
-        if postgres_required():
-            pytest.fail(f"FLUXSERVE_REQUIRE_POSTGRES=1 but {exc}")
-        pytest.skip(str(exc))
-
-
 @pytest.fixture
 def open_db(tmp_path):
     """open_db(url=None) -> a session factory; the engines are disposed after the test."""

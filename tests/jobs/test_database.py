@@ -18,7 +18,7 @@ from fluxserve.jobs.status import JobStatus
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.tables import Base, utcnow
 from fluxserve.keys import KeyStore
-from tests.support.postgres import PostgresUnavailable, create_database, postgres_required, running_postgres
+from tests.support.postgres import create_database
 
 _db_names = itertools.count(1)
 
@@ -78,17 +78,6 @@ def test_old_tables_lack_exactly_the_new_columns():
 
 
 # -- fixtures -------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def postgres_server(tmp_path_factory):
-    try:
-        with running_postgres(tmp_path_factory.mktemp("postgres-upgrade")) as url:
-            yield url
-    except PostgresUnavailable as exc:
-        if postgres_required():
-            pytest.fail(f"FLUXSERVE_REQUIRE_POSTGRES=1 but {exc}")
-        pytest.skip(str(exc))
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request, tmp_path):
     if request.param == "sqlite":

@@ -16,21 +16,9 @@ from fluxserve.jobs.status import JobStatus
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.tables import ApiKey, Job, WebhookDelivery, utcnow
 from fluxserve.keys import KeyStore
-from tests.support.postgres import PostgresUnavailable, create_database, postgres_required, running_postgres
+from tests.support.postgres import create_database
 
 _db_names = itertools.count(1)
-
-
-@pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory):
-    """URL of a PostgreSQL server for the whole run (skipped if absent, unless required)."""
-    try:
-        with running_postgres(tmp_path_factory.mktemp("postgres")) as url:
-            yield url
-    except PostgresUnavailable as exc:
-        if postgres_required():
-            pytest.fail(f"FLUXSERVE_REQUIRE_POSTGRES=1 but {exc}")
-        pytest.skip(str(exc))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
