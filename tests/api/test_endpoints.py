@@ -169,9 +169,17 @@ def test_a_key_sees_only_its_own_jobs(server, client, image_host):
 
 
 def test_fetch_of_unknown_or_malformed_ids(server, client):
-    for route in ("/api/v1/enterprise/flux/fetch/999999", "/api/v1/enterprise/flux/fetch/abc"):
+    huge = str(10**30)  # found by schemathesis: overflowed SQLite's INTEGER (a 500)
+    for route in ("/api/v1/enterprise/flux/fetch/999999", "/api/v1/enterprise/flux/fetch/abc",
+                  f"/api/v1/enterprise/flux/fetch/{huge}", "/api/v1/enterprise/flux/fetch/-1"):
         response = client.post(route, json={"key": server.key})
         assert response.status_code == 404 and response.json()["status"] == "error"
+    for request_id in (10**30, -5, 0):
+        response = client.post("/api/v6/images/fetch", json={"key": server.key, "request_id": request_id})
+        assert response.status_code == 404 and response.json()["status"] == "error"
+    for path in (f"/api/fluxserve/jobs/{huge}/cancel",):
+        assert client.post(path, json={"key": server.key}).status_code == 404
+    assert client.get(f"/api/fluxserve/jobs/{huge}/events", headers={"Key": server.key}).status_code == 404
     response = client.post("/api/v6/images/fetch", json={"key": server.key})
     assert response.status_code == 400 and response.json()["message"] == "request_id is required"
 

@@ -22,6 +22,11 @@ from fluxserve.jobs.tables import Job, WebhookDelivery, utcnow
 ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 
+def _storable_id(job_id: int) -> bool:
+    """Ids are positive 64-bit integers on every backend."""
+    return isinstance(job_id, int) and 0 < job_id < 2**63
+
+
 def _silent_since(cutoff: datetime):
     """No heartbeat since ``cutoff`` (NULL: claimed by a release that did not beat)."""
     return or_(Job.heartbeat_at < cutoff, Job.heartbeat_at.is_(None))
@@ -53,6 +58,8 @@ class JobStore:
         return job
 
     def get(self, job_id: int, key_id: int | None = None) -> Job | None:
+        if not _storable_id(job_id):  # e.g. a client's 10**30: no such job, and no database error
+            return None
         with self._sessions() as session:
             job = session.get(Job, job_id)
         if job is None or (key_id is not None and job.key_id != key_id):
@@ -210,6 +217,8 @@ class JobStore:
     # -- cancelling ----------------------------------------------------------------------------
     def cancel(self, job_id: int, key_id: int | None = None, message: str = "Request was cancelled") -> bool:
         """Cancel a queued job (running and finished jobs are left alone)."""
+        if not _storable_id(job_id):
+            return False
         with self._sessions.begin() as session:
             query = update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
             if key_id is not None:
