@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import io
 import struct
 import zlib
@@ -12,7 +11,7 @@ import zlib
 import httpx
 from PIL import Image, ImageOps, features
 
-from fluxserve.fetching import FetchError, FetchPolicy, fetch_bytes
+from fluxserve.fetching import FetchError, FetchPolicy, decode_data_uri, fetch_bytes
 
 MAX_PIXELS = 40_000_000  # refuse decompression bombs before decoding pixels
 MAX_SIDE = 16_384  # and extreme aspects: 1x40M pixels is still a bomb for resizing
@@ -43,24 +42,13 @@ class ImageInputError(ValueError):
 async def fetch_image_bytes(url: str, *, client: httpx.AsyncClient, policy: FetchPolicy) -> bytes:
     """Bytes of an http(s) URL (checked against SSRF, pinned, size-capped: ``fetching``) or of a
     base64 data: URI."""
-    if url.startswith("data:"):
-        return _decode_data_uri(url, policy.max_bytes)
     try:
+        if url.startswith("data:"):
+            return decode_data_uri(url, policy.max_bytes)
         return await fetch_bytes(url, policy=policy, client=client, allow_data=False)
     except FetchError as exc:
-        raise ImageInputError(f"Unable to fetch image from provided URL: {exc}") from None
-
-
-def _decode_data_uri(uri: str, max_bytes: int) -> bytes:
-    header, _, payload = uri.partition(",")
-    if ";base64" not in header:
-        raise ImageInputError("data: URIs must be base64 encoded images")
-    if len(payload) > max_bytes * 4 // 3 + 4:
-        raise ImageInputError(f"init image larger than {max_bytes} bytes")
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise ImageInputError("data: URI is not valid base64") from None
+        prefix = "" if url.startswith("data:") else "Unable to fetch image from provided URL: "
+        raise ImageInputError(f"{prefix}{exc}") from None
 
 
 def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE) -> Image.Image:

@@ -112,6 +112,7 @@ def build_server_app(settings: Settings, reload_settings=None) -> FastAPI:
     storage_configs, uploader = build_storage(settings, sessions)
     return create_app(
         settings, registry, events=events, metrics=metrics, host=host, storage=(storage_configs, uploader),
+        sessions=sessions,
         reload_settings=reload_settings or (lambda: settings), on_startup=start, on_shutdown=stop,
     )
 

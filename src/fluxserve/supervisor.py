@@ -138,6 +138,7 @@ class ProcessWorkerHost:
         self._lock = threading.Lock()
         self.restarts = 0
         self._deaths: list[float] = []
+        self._planned_restart = False
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -189,27 +190,17 @@ class ProcessWorkerHost:
     def restart(self, settings: Settings | None = None) -> None:
         """A fresh worker process (new settings, models loaded anew); queued jobs stay queued."""
         def _restart() -> None:
-            with self._restarting():
+            self._planned_restart = True  # the monitor must not treat this stop as a crash
+            try:
                 if settings is not None:
                     self.settings = settings
                 self._stop_process(timeout=120)
                 self._spawn()
+            finally:
+                self._planned_restart = False
 
         threading.Thread(target=_restart, name="fluxserve-worker-restart", daemon=True).start()
 
-    def _restarting(self):
-        host = self
-
-        class _Guard:
-            def __enter__(self):
-                host._planned_restart = True
-
-            def __exit__(self, *_exc):
-                host._planned_restart = False
-
-        return _Guard()
-
-    _planned_restart = False
 
     def describe(self) -> dict[str, Any]:
         process = self._process

@@ -322,7 +322,7 @@ class Worker:
         if params.safety_checker:
             images, scores, nsfw = self.safety.filter(images)
             meta["nsfw_scores"] = [round(score, 4) for score in scores]
-        names = [f"{job.file_prefix}-{i}.png" for i in range(len(images))]
+        names = job.output_names()
         pngs = [encode_png(image) for image in images]
         for name, png in zip(names, pngs):
             self.outputs.save(name, png)  # same names on a retry: one set of files

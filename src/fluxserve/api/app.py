@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.middleware.cors import CORSMiddleware
 
 from fluxserve import __version__
@@ -40,10 +41,11 @@ def create_app(
     host: WorkerControl | None = None,
     reload_settings: Callable[[], Settings] | None = None,
     storage: tuple | None = None,
+    sessions: sessionmaker[Session] | None = None,
     on_startup: Callable[[], None] | None = None,
     on_shutdown: Callable[[], None] | None = None,
 ) -> FastAPI:
-    sessions = open_database(settings.resolved_database_url)
+    sessions = sessions or open_database(settings.resolved_database_url)
     events = events or JobEvents()
     metrics = metrics or Metrics()
     jobs = JobStore(sessions, webhook_retry_seconds=settings.webhook_retry_seconds)

@@ -19,19 +19,14 @@ FETCH_PATHS = {
 }
 
 
-def output_names(job: Job) -> list[str]:
-    """The file names a job's images get: fixed when it is queued, so future_links are exact."""
-    return [f"{job.file_prefix}-{i}.png" for i in range(len(job.params["seeds"]))]
-
-
 def output_links(job: Job, storage: LocalStorage) -> list[str]:
     """The URLs a job's images have (or will have): its bucket's public URL, or ours."""
     if job.output_urls:
         return list(job.output_urls)
     remote = job.params.get("remote")
     if remote:
-        return [remote["public_url"].rstrip("/") + "/" + name for name in output_names(job)]
-    return [storage.url_for(name) for name in output_names(job)]
+        return [remote["public_url"].rstrip("/") + "/" + name for name in job.output_names()]
+    return [storage.url_for(name) for name in job.output_names()]
 
 
 def fetch_url(base_url: str, job: Job) -> str:

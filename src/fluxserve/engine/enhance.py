@@ -103,6 +103,11 @@ def clean_output(text: str, max_chars: int = DEFAULT_MAX_CHARS) -> str:
     return text
 
 
+def _succeeded(original: str, prompt: str, source: str, started: float) -> Enhanced:
+    return Enhanced(prompt=prompt, original=original, source=source, ok=True, error=None,
+                    seconds=time.perf_counter() - started)
+
+
 def _fallback(original: str, source: str, error: str, started: float) -> Enhanced:
     return Enhanced(
         prompt=original,
@@ -193,14 +198,7 @@ class LocalQwenEnhancer:
             return _fallback(prompt, self.source, _describe(exc), started)
         if not text:
             return _fallback(prompt, self.source, "the language model returned an empty prompt", started)
-        return Enhanced(
-            prompt=text,
-            original=prompt,
-            source=self.source,
-            ok=True,
-            error=None,
-            seconds=time.perf_counter() - started,
-        )
+        return _succeeded(prompt, text, self.source, started)
 
     def _generate(self, pipeline: Any, prompt: str) -> str:
         import torch
@@ -318,14 +316,7 @@ class OpenAIEnhancer:
             return _fallback(prompt, self.source, _describe(exc, self.api_key), started)
         if not text:
             return _fallback(prompt, self.source, "the chat endpoint returned an empty prompt", started)
-        return Enhanced(
-            prompt=text,
-            original=prompt,
-            source=self.source,
-            ok=True,
-            error=None,
-            seconds=time.perf_counter() - started,
-        )
+        return _succeeded(prompt, text, self.source, started)
 
     def _complete(self, prompt: str) -> str:
         import httpx

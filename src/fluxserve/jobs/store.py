@@ -22,6 +22,16 @@ from fluxserve.jobs.tables import Job, WebhookDelivery, utcnow
 ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 
+def _claim(session: Session, job_id: int) -> bool:
+    """queued -> running under a fresh claim token; False if another worker won the race."""
+    now = utcnow()
+    return bool(session.execute(
+        update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+        .values(status=JobStatus.RUNNING.value, started_at=now, heartbeat_at=now, claim_token=str(uuid.uuid4()),
+                attempts=Job.attempts + 1, progress_step=0, progress_total=0)
+    ).rowcount)
+
+
 def _storable_id(job_id: int) -> bool:
     """Ids are positive 64-bit integers on every backend."""
     return isinstance(job_id, int) and 0 < job_id < 2**63
@@ -129,15 +139,7 @@ class JobStore:
                 )
                 if job_id is None:
                     return None
-                now = utcnow()
-                claimed = session.execute(
-                    update(Job)
-                    .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
-                    .values(
-                        status=JobStatus.RUNNING.value, started_at=now, heartbeat_at=now,
-                        claim_token=str(uuid.uuid4()), attempts=Job.attempts + 1, progress_step=0, progress_total=0,
-                    )
-                ).rowcount
+                claimed = _claim(session, job_id)
             if claimed:  # another worker may have won the race: then try the next one
                 return self.get(job_id)
 
@@ -151,12 +153,7 @@ class JobStore:
             ))
         for job_id in candidates:
             with self._sessions.begin() as session:
-                now = utcnow()
-                won = session.execute(
-                    update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
-                    .values(status=JobStatus.RUNNING.value, started_at=now, heartbeat_at=now,
-                            claim_token=str(uuid.uuid4()), attempts=Job.attempts + 1, progress_step=0, progress_total=0)
-                ).rowcount
+                won = _claim(session, job_id)
             if won:
                 claimed.append(self.get(job_id))
         return claimed

@@ -89,6 +89,11 @@ class Job(Base):
     output_urls: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)  # set when stored remotely (S3)
     batch_key: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)  # jobs that may share a call
 
+    def output_names(self) -> list[str]:
+        """The file names of this job's images (one per seed): fixed when it is queued, so
+        future_links are exact and a retry overwrites the same files."""
+        return [f"{self.file_prefix}-{i}.png" for i in range(len(self.params["seeds"]))]
+
 
 class StorageConfig(Base):
     """A key's S3 details (ModelsLab's update_s3), per deploy type; the secret key encrypted."""
