@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub
@@ -103,3 +104,18 @@ def print_table(headers: list[str], rows: list[list[Any]]) -> None:
     print("  ".join("-" * w for w in widths))
     for row in cells:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+
+
+def run_command(args, run, print_report) -> int:
+    """The shared tail of every speed benchmark: refuse true scale without a GPU (unless
+    --force), run, print the table, write the raw numbers."""
+    if args.scale == "true" and not args.force and not torch.cuda.is_available():
+        print(GPU_ONLY_MESSAGE, file=sys.stderr)
+        return 2
+    result = run(args)
+    print_report(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"raw numbers: {args.json}")
+    return 0

@@ -69,8 +69,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    GPU_ONLY_MESSAGE, SCALES, THREADS_HELP, device_and_dtype, environment, load_klein_folder, print_table,
-    quiet_libraries, release_memory, set_threads, tiny_klein_folder,
+    SCALES, THREADS_HELP, device_and_dtype, environment, load_klein_folder, print_table,
+    quiet_libraries, release_memory, run_command, set_threads, tiny_klein_folder,
 )
 
 KLEIN = "/api/v1/enterprise/flux_klein/text2img"
@@ -496,19 +496,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.scale == "true" and not args.force:
-        import torch
-
-        if not torch.cuda.is_available():
-            print(GPU_ONLY_MESSAGE, file=sys.stderr)
-            return 2
-    result = run(args)
-    print_report(result)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"raw numbers: {args.json}")
-    return 0
+    return run_command(args, run, print_report)
 
 
 if __name__ == "__main__":

@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    GPU_ONLY_MESSAGE, SCALES, THREADS_HELP, device_and_dtype, environment, load_klein_folder, print_table,
-    quiet_libraries, set_threads, tiny_klein_folder,
+    SCALES, THREADS_HELP, device_and_dtype, environment, load_klein_folder, print_table,
+    quiet_libraries, run_command, set_threads, tiny_klein_folder,
 )
 
 PROMPT = "a photo of a cat sitting on a red chair"
@@ -329,19 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             print("--flops-only needs --scale small or true", file=sys.stderr)
             return 2
         return flops_only(args)
-    if args.scale == "true" and not args.force:
-        import torch
-
-        if not torch.cuda.is_available():
-            print(GPU_ONLY_MESSAGE, file=sys.stderr)
-            return 2
-    result = run(args)
-    print_report(result)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"raw numbers: {args.json}")
-    return 0
+    return run_command(args, run, print_report)
 
 
 if __name__ == "__main__":
