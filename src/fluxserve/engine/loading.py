@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from fluxserve.engine.batch_invariance import make_batch_invariant
 from fluxserve.engine.optimize import Optimizations, apply, warm_up
 from fluxserve.engine.residency import Residency
 from fluxserve.models import ModelSpec
@@ -92,6 +93,7 @@ class PipelineCache:
             return pipeline
 
     def _optimize(self, cache_key, spec: ModelSpec, pipeline: Any) -> None:
+        make_batch_invariant(pipeline)  # before compile traces the modules; a no-op for solo calls
         report = apply(pipeline, self.optimizations, device=self.device)
         log.info("optimizations for %s: %s", _key(cache_key), report)
         if self.optimizations.compile and self.warm_sizes and cache_key == (spec.pipeline, spec.source):
