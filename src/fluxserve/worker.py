@@ -32,6 +32,8 @@ from fluxserve.storage.configs import StorageConfigs, StorageUnavailable
 from fluxserve.storage.local import LocalStorage
 from fluxserve.storage.s3 import S3Uploader, UploadError
 
+STATUS_EVERY_SECONDS = 5.0
+STATUS_IDLE_SECONDS = 0.05
 log = logging.getLogger(__name__)
 
 
@@ -143,6 +145,9 @@ class Worker:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_recovery = 0.0
+        self._status_due = False  # a job ran since the last status report
+        self._last_status = 0.0
+        self._reported_models: list[str] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -184,10 +189,23 @@ class Worker:
             log.exception("claiming a batch failed")
             return [job]
 
+    def _status_after_job(self) -> None:
+        """Status (loaded models, memory, residency) is for system_details, not for the waiting
+        requests: walking every tensor of the resident pipelines holds the GIL for milliseconds
+        that the event loop would spend answering. So under load it is reported at most every
+        STATUS_EVERY_SECONDS, and otherwise once the worker has had no work for
+        STATUS_IDLE_SECONDS (by then the last answers have gone out)."""
+        self._status_due = True
+        changed = self.pipelines.loaded() != self._reported_models  # a model was loaded or evicted
+        if changed or time.monotonic() - self._last_status >= STATUS_EVERY_SECONDS:
+            self.report_status()
+
     def _wait_for_work(self) -> None:
         try:
-            command = self.commands.get(timeout=self.idle_poll_seconds)
+            command = self.commands.get(timeout=STATUS_IDLE_SECONDS if self._status_due else self.idle_poll_seconds)
         except queue.Empty:
+            if self._status_due:
+                self.report_status()
             return
         self._handle(command)
 
@@ -226,6 +244,8 @@ class Worker:
             self.sink.job_finished(job_id, "failed", None, 0.0)
 
     def report_status(self) -> None:
+        self._status_due, self._last_status = False, time.monotonic()
+        self._reported_models = self.pipelines.loaded()
         try:
             self.sink.status({"models_loaded": self.pipelines.loaded(), "gpu_memory": gpu_memory(),
                               "device": self.pipelines.device, "residency": self.pipelines.residency.accounting(),
@@ -240,7 +260,7 @@ class Worker:
         with _Claim(self.jobs, job, self.heartbeat_seconds) as claim:
             outcome, generation_time = self._guarded(job, lambda: self._run_solo(job, claim))
         self.sink.job_finished(job.id, outcome, generation_time, queue_time)
-        self.report_status()
+        self._status_after_job()
 
     def process_batch(self, jobs: list[Job]) -> None:
         """Compatible text-to-image jobs in one pipeline call; if that call fails, each job runs
@@ -258,7 +278,7 @@ class Worker:
                            for job, claim in zip(jobs, claims)]
         for job, (outcome, generation_time) in zip(jobs, results):
             self.sink.job_finished(job.id, outcome, generation_time, _queue_time(job))
-        self.report_status()
+        self._status_after_job()
 
     def _guarded(self, job: Job, run) -> tuple[str, float | None]:
         """Run one job's work; every failure becomes that job's recorded failure."""
