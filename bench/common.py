@@ -1,4 +1,5 @@
-"""What the benchmarks share: the pipeline for a scale, the environment they ran in, tables."""
+"""What the benchmarks share: loading a saved pipeline, the environment they ran in, tables, the
+command tail. Model-specific facts are in ``bench.workloads``."""
 
 from __future__ import annotations
 
@@ -17,10 +18,8 @@ import torch
 SCALES = ("tiny", "small", "true")
 
 GPU_ONLY_MESSAGE = (
-    "--scale true builds the true-size FLUX.2 klein-4B pipeline (3.88 B transformer + 4.02 B Qwen3 encoder "
-    "+ VAE: ~16 GB of bf16 weights, built on the GPU) and needs a CUDA GPU with >= 24 GB; this machine has "
-    "none. Use --scale small to prove the same code path on CPU, or --force to try anyway "
-    "(fp32 on CPU: ~32 GB of RAM, minutes per image)."
+    "--scale true builds the true-size {true_size}; this machine has none. Use --scale small to prove the same "
+    "code path on CPU, or --force to try anyway (fp32 on CPU: twice the bf16 size in RAM, minutes per image)."
 )
 
 
@@ -55,18 +54,12 @@ def device_and_dtype() -> tuple[str, torch.dtype]:
     return device, pick_dtype(device)
 
 
-def tiny_klein_folder(root: Path) -> Path:
-    from fluxserve.engine.tiny import build_tiny_models
-
-    return build_tiny_models(root)["flux2-klein"]
-
-
-def load_klein_folder(folder: Path, device: str, dtype: torch.dtype) -> Any:
-    """A saved klein pipeline loaded as the service loads it (``from_pretrained`` in the service's
+def load_folder(folder: Path, pipeline_class: str, device: str, dtype: torch.dtype) -> Any:
+    """A saved pipeline loaded as the service loads it (``from_pretrained`` in the service's
     dtype), then put on ``device``."""
-    from diffusers import Flux2KleinPipeline
+    import diffusers
 
-    pipeline = Flux2KleinPipeline.from_pretrained(folder, dtype=dtype)
+    pipeline = getattr(diffusers, pipeline_class).from_pretrained(folder, dtype=dtype)
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -110,7 +103,9 @@ def run_command(args, run, print_report) -> int:
     """The shared tail of every speed benchmark: refuse true scale without a GPU (unless
     --force), run, print the table, write the raw numbers."""
     if args.scale == "true" and not args.force and not torch.cuda.is_available():
-        print(GPU_ONLY_MESSAGE, file=sys.stderr)
+        from bench.workloads import WORKLOADS
+
+        print(GPU_ONLY_MESSAGE.format(true_size=WORKLOADS[args.model].true_size), file=sys.stderr)
         return 2
     result = run(args)
     print_report(result)

@@ -2,9 +2,13 @@
 queue, worker, engine switches, PNG, store) against direct calls of the same diffusers pipeline,
 with the same weights, prompts and seeds, in one run. Usage:
 
-    python -m bench.service_vs_bare --scale tiny|small|true --size 256 --steps 4 --requests 16 \\
-        [--clients 1,4,8] [--rounds 3] [--optimizations "none;default"] [--safety] [--threads N] \\
-        [--setting max_batch_size=4] [--json bench/service_vs_bare.json]
+    python -m bench.service_vs_bare [--model klein|kontext] --scale tiny|small|true --size 256 \\
+        [--steps N] --requests 16 [--clients 1,4,8] [--rounds 3] [--optimizations "none;default"] \\
+        [--safety] [--threads N] [--setting max_batch_size=4] [--json bench/service_vs_bare.json]
+
+--model (``bench.workloads``): klein (default) = FLUX.2 klein text2img, 4 steps by default;
+kontext = Flux Kontext editing of one init image (sent as a base64 ``data:`` URI, --size square,
+strength 1: the plain ``FluxKontextPipeline``), 28 steps by default (the service's defaults).
 
 What runs (one process; every service is up throughout):
 - one service per --optimizations spec (FLUXSERVE_OPTIMIZATIONS; "default" = the service's own
@@ -13,12 +17,13 @@ What runs (one process; every service is up throughout):
 - warm-up: one bare call, and one request per service (its worker loads and optimizes the model);
 - --rounds times, interleaved so that every mode sees the same background load:
   - bare: N sequential ``pipeline(prompt, height, width, num_inference_steps, guidance_scale,
-    generator=torch.Generator("cpu").manual_seed(seed))`` calls, exactly the call the service's
-    ``Generator`` makes for klein text2img (the service's default guidance), in a long-lived
-    thread of its own like the service's worker;
-  - per service, sequential: N requests one after the other: POST .../flux_klein/text2img,
-    answered "success" within sync_wait, then GET of the PNG (the client holds the image, as
-    after a bare call; --no-download leaves the GET out);
+    generator=torch.Generator("cpu").manual_seed(seed))`` calls (kontext: also image, negative_prompt,
+    true_cfg_scale, max_area, _auto_resize), exactly the call the service's ``Generator`` makes
+    (the service's default guidance), in a long-lived thread of its own like the service's worker;
+  - per service, sequential: N requests one after the other: POST .../flux_klein/text2img
+    (kontext: /api/v6/images/img2img, the init image in the body: the service decodes and stores
+    it, the bare side gets it decoded), answered "success" within sync_wait, then GET of the
+    PNG (the client holds the image, as after a bare call; --no-download leaves the GET out);
   - per service, throughput: for each C in --clients, N requests spread over C client threads;
 - bare once more (so bare brackets every service run).
 Each mode's figure is its median run. Request i of a run uses seed --seed + i and a prompt made
@@ -27,7 +32,7 @@ except that a round's bare run and its services' sequential runs share prompts: 
 sequential run is compared pixel for pixel with the bare image of the same prompt and seed (after
 the timed section).
 
-Same weights: tiny: bare and services load the tiny klein folder with ``from_pretrained`` (the
+Same weights: tiny: bare and services load the model's tiny folder with ``from_pretrained`` (the
 services through their registry, in the dtype their switches choose, as in production).
 small / true: the pipeline is built once in memory (``bench.models``) and each service's
 ``PipelineCache`` is handed a pipeline (its ``_load`` is patched in this process for the source
@@ -69,11 +74,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    SCALES, THREADS_HELP, device_and_dtype, environment, load_klein_folder, print_table,
-    quiet_libraries, release_memory, run_command, set_threads, tiny_klein_folder,
+    SCALES, THREADS_HELP, device_and_dtype, environment, load_folder, print_table, quiet_libraries,
+    release_memory, run_command, set_threads,
 )
+from bench.workloads import WORKLOADS, data_uri
 
-KLEIN = "/api/v1/enterprise/flux_klein/text2img"
 SYSTEM_DETAILS = "/api/v1/enterprise/flux_klein/system_details"
 INJECTED = "bench-injected:"
 PROMPTS = [
@@ -137,33 +142,34 @@ def _own_copy(pipeline: Any) -> Any:
 
 class Bench:
     def __init__(self, args: argparse.Namespace, work: Path):
-        from fluxserve.models import KLEIN as KLEIN_MODEL, Registry
-
         self.args, self.work = args, work
+        self.workload = WORKLOADS[args.model]
+        self.spec = self.workload.spec  # the service's defaults (guidance, ...) for this model
         self.device, self.dtype = device_and_dtype()
-        self.guidance = Registry.build().get(KLEIN_MODEL).guidance  # the service's default for klein
+        self.reference = self.workload.reference(args.size, args.seed)  # kontext's init image (bare side)
+        self.reference_uri = data_uri(self.reference) if self.reference is not None else None  # (service side)
         self.tiny_root = work / "tiny-models"
-        tiny_folder = tiny_klein_folder(self.tiny_root)  # the services need the tiny build in any case
-        self.sources: dict[str, str] = {}  # optimization spec -> the klein source its service loads
+        tiny_folder = self.workload.tiny_folder(self.tiny_root)  # the services need the tiny build in any case
+        self.sources: dict[str, str] = {}  # optimization spec -> the source its service loads for the model
         self.inject: dict[str, Any] = {}
-        if args.scale == "tiny":
-            self.pipeline = load_klein_folder(tiny_folder, self.device, self.dtype)  # the services load the same folder
+        if args.scale == "tiny":  # the services load the same folder
+            self.pipeline = load_folder(tiny_folder, self.spec.pipeline, self.device, self.dtype)
         else:
-            from bench.models import build_klein_pipeline, save_pipeline
+            from bench.models import save_pipeline
 
             started = time.perf_counter()
-            self.pipeline = build_klein_pipeline(args.scale, self.device, self.dtype, seed=args.seed)
+            self.pipeline = self.workload.build(args.scale, self.device, self.dtype, seed=args.seed)
             self.build_s = time.perf_counter() - started
             if args.via_disk:
                 # everyone loads the saved copy: bit-equal weights in freshly loaded tensors
                 source = str(save_pipeline(self.pipeline, Path(args.via_disk)))
                 del self.pipeline
                 release_memory()
-                self.pipeline = load_klein_folder(Path(source), self.device, self.dtype)
+                self.pipeline = load_folder(Path(source), self.spec.pipeline, self.device, self.dtype)
                 self.sources = {spec: source for spec in args.optimizations}
             else:
                 for index, spec in enumerate(args.optimizations):
-                    source = f"{INJECTED}klein-{args.scale}-{index}"
+                    source = f"{INJECTED}{args.model}-{args.scale}-{index}"
                     self.sources[spec] = source
                     self.inject[source] = self.pipeline if spec == "none" else _own_copy(self.pipeline)
         self.bare_images: dict[tuple[str, int], Any] = {}
@@ -182,11 +188,10 @@ class Bench:
 
     # -- bare ---------------------------------------------------------------------------------------
     def _bare_call(self, prompt: str, seed: int):
-        from fluxserve.engine.generate import _crop_to, _generator, _latent_size
+        from fluxserve.engine.generate import _crop_to, _generator
 
-        size = _latent_size(self.args.size)
-        image = self.pipeline(prompt=prompt, height=size, width=size, num_inference_steps=self.args.steps,
-                              guidance_scale=self.guidance, output_type="pil", generator=_generator(seed)).images[0]
+        call = self.workload.call(self.spec, prompt, self.args.size, self.args.steps, self.reference)
+        image = self.pipeline(**call, generator=_generator(seed)).images[0]
         return _crop_to(image.convert("RGB"), self.args.size, self.args.size)
 
     def bare(self, tag: str) -> dict[str, Any]:
@@ -209,11 +214,12 @@ class Bench:
     # -- services -----------------------------------------------------------------------------------
     def _body(self, key: str, prompt: str, seed: int) -> dict[str, Any]:
         return {"key": key, "prompt": prompt, "width": self.args.size, "height": self.args.size,
-                "num_inference_steps": self.args.steps, "seed": seed, "safety_checker": self.args.safety}
+                "num_inference_steps": self.args.steps, "seed": seed, "safety_checker": self.args.safety,
+                **self.workload.body(self.reference_uri)}
 
     def _request(self, client, key: str, prompt: str, seed: int) -> tuple[float, dict, bytes | None]:
         t0 = time.perf_counter()
-        response = client.post(KLEIN, json=self._body(key, prompt, seed))
+        response = client.post(self.workload.endpoint, json=self._body(key, prompt, seed))
         answer = response.json()
         if response.status_code != 200 or answer.get("status") != "success":
             raise BenchError(f"request for seed {seed} did not succeed: {response.status_code} {answer}")
@@ -312,7 +318,7 @@ class Bench:
                     optimizations="" if spec == "default" else spec,
                 )
                 if self.sources:
-                    settings["model_overrides"] = {"flux-klein": {"source": self.sources[spec]}}
+                    settings["model_overrides"] = {self.workload.model_id: {"source": self.sources[spec]}}
                 services[spec] = stack.enter_context(live_server(self.work / f"data-{index}", self.tiny_root,
                                                                  **settings))
                 runs[f"{spec}|sequential"] = []
@@ -368,7 +374,7 @@ def _rows(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
 def print_report(result: dict[str, Any]) -> None:
     config, env = result["config"], result["environment"]
     size = f"{config['size']}x{config['size']}"
-    print(f"service vs bare pipeline: FLUX.2 klein text2img, scale {config['scale']}, {size}, "
+    print(f"service vs bare pipeline: {WORKLOADS[config['model']].title}, scale {config['scale']}, {size}, "
           f"{config['steps']} steps, {config['requests']} requests per run, {config['rounds']} rounds, safety checker "
           f"{'on' if config['safety'] else 'off'}, weights: {config['weights']}")
     print(f"device {env['device']} ({env.get('gpu', env['machine'])}), {env['dtype']}, torch {env['torch']}, "
@@ -385,12 +391,14 @@ def print_report(result: dict[str, Any]) -> None:
           "round); range: fastest-slowest run; p50/p95: request latency over all runs (includes queueing under "
           "concurrency); vs bare: bare s per image / this row's; overhead %: this row's s per image over bare's")
     bare_p50 = next(r["p50_s"] for r in result["rows"] if r["mode"] == "bare")
+    rest = ("HTTP, queue, database, init image upload/decode/store and download"
+            if WORKLOADS[config["model"]].uses_reference else "HTTP, queue, database and download")
     for spec in config["optimizations"]:
         gen = [t for run in result["runs"][f"{spec}|sequential"] for t in run["server_generation_time_s"]]
         seq_p50 = next(r["p50_s"] for r in result["rows"]
                        if r["mode"] == "service sequential" and r["optimizations"] == spec)
         print(f"[{spec}] sequential p50: bare call {bare_p50:.4f} s; service {seq_p50:.4f} s = worker generationTime "
-              f"(generate + safety + PNG + store) {_percentile(gen, 50):.4f} s + HTTP, queue, database and download "
+              f"(generate + safety + PNG + store) {_percentile(gen, 50):.4f} s + {rest} "
               f"{seq_p50 - _percentile(gen, 50):.4f} s")
         same = result["identity"][spec]
         if same["compared_images"]:
@@ -417,11 +425,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "benchmark": "service_vs_bare",
             "command": "python -m bench.service_vs_bare " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-            "config": {"scale": args.scale, "size": args.size, "steps": args.steps, "requests": args.requests,
+            "config": {"model": args.model, "model_id": bench.spec.name, "scale": args.scale, "size": args.size,
+                       "steps": args.steps, "requests": args.requests,
                        "clients": args.clients, "rounds": args.rounds, "optimizations": args.optimizations,
                        "settings": args.settings, "safety": args.safety, "seed": args.seed,
                        "repeat_prompts": args.repeat_prompts, "download": not args.no_download,
-                       "sync_wait_s": args.sync_wait, "guidance_scale": bench.guidance,
+                       "sync_wait_s": args.sync_wait, "guidance_scale": bench.spec.guidance,
                        "weights": ("tiny folder, from_pretrained" if args.scale == "tiny" else
                                    f"saved to {args.via_disk}, from_pretrained" if args.via_disk else
                                    "built in memory; bare's object for 'none', deep copies for other specs")},
@@ -452,11 +461,13 @@ def _setting(text: str) -> tuple[str, Any]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.service_vs_bare", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(WORKLOADS), default="klein",
+                        help="klein: FLUX.2 klein text2img; kontext: Flux Kontext editing of one init image")
     parser.add_argument("--scale", choices=SCALES, default="tiny",
                         help="tiny: the tiny offline pipelines; small: bench.models small configs; "
                              "true: MODELS.md sizes, random bf16 weights (GPU)")
     parser.add_argument("--size", type=int, default=256, help="width = height, 256-1024, a multiple of 16")
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=None, help="default: the service's (klein 4, kontext 28)")
     parser.add_argument("--requests", type=int, default=16, help="requests per run (each mode)")
     parser.add_argument("--clients", default="1,4,8", help="concurrent client counts, comma-separated")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every mode (median reported)")
@@ -483,10 +494,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.clients = [int(c) for c in str(args.clients).split(",") if c.strip()]
     args.optimizations = list(dict.fromkeys(s.strip() for s in args.optimizations.split(";") if s.strip()))
     args.settings = dict(args.settings)
+    if args.steps is None:
+        args.steps = WORKLOADS[args.model].spec.steps
     if args.size % 16 or not 256 <= args.size <= 1024:
         parser.error("--size must be a multiple of 16 in 256..1024 (the API's range; no cropping)")
-    if args.requests < 1 or args.rounds < 1 or any(c < 1 for c in args.clients):
-        parser.error("--requests, --rounds and --clients must be >= 1")
+    if args.requests < 1 or args.rounds < 1 or args.steps < 1 or any(c < 1 for c in args.clients):
+        parser.error("--requests, --rounds, --steps and --clients must be >= 1")
     if not args.optimizations:
         parser.error("--optimizations needs at least one spec")
     if args.via_disk and args.scale == "tiny":

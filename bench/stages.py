@@ -1,15 +1,22 @@
-"""Where the time of one FLUX.2 klein generation goes, stage by stage, and how close each
-denoising step is to the GPU's roofline. Usage:
+"""Where the time of one FLUX.2 klein or Flux Kontext generation goes, stage by stage, and how
+close each denoising step is to the GPU's roofline. Usage:
 
-    python -m bench.stages --scale small|true|tiny --size 1024 --steps 4 [--repeats 3] \\
-        [--optimizations none|default|SPEC] [--peak-tflops 989] [--threads N] [--json bench/stages.json]
-    python -m bench.stages --scale true --size 1024 --flops-only   # FLOP counts only (no GPU needed)
+    python -m bench.stages [--model klein|kontext] --scale small|true|tiny --size 1024 [--steps N] \\
+        [--repeats 3] [--optimizations none|default|SPEC] [--peak-tflops 989] [--threads N] \\
+        [--json bench/stages.json]
+    python -m bench.stages [--model kontext] --scale true --size 1024 --flops-only   # no GPU needed
 
-Stages, timed inside one ordinary ``pipeline(...)`` call (the service's klein text2img call), after
-one warm-up generation, median of --repeats; with --optimizations, after the service's engine
-switches (``fluxserve.engine.optimize.apply``) were applied to the pipeline, as its cache does
-(each generation has a prompt of its own, so a prompt cache never hits):
-  text encoding   ``pipeline.encode_prompt`` (tokenize + Qwen3 forward + stacking layers 9/18/27)
+--model (``bench.workloads``): klein (default; 4 steps by default) or kontext (editing one
+--size x --size init image, a seeded gradient with noise; 28 steps by default).
+
+Stages, timed inside one ordinary ``pipeline(...)`` call (the call the service's ``Generator``
+makes: klein text2img, or Kontext with one reference), after one warm-up generation, median of
+--repeats; with --optimizations, after the service's engine switches
+(``fluxserve.engine.optimize.apply``) were applied to the pipeline, as its cache does (each
+generation has a prompt of its own, so a prompt cache never hits):
+  text encoding   ``pipeline.encode_prompt`` (klein: tokenize + Qwen3 forward + stacking layers
+                  9/18/27; kontext: CLIP (77 tokens, pooled) + T5 (512 tokens))
+  reference encode  kontext only: ``pipeline.vae.encode`` of the (preprocessed) init image
   step i          transformer forward + scheduler step of step i (from a forward pre-hook on the
                   transformer to ``callback_on_step_end``)
   vae decode      ``pipeline.vae.decode``
@@ -23,9 +30,10 @@ On CUDA the in-pipeline marks are CUDA events on the current stream (no synchron
 the call, so timing does not perturb it); on CPU they are ``time.perf_counter``.
 
 Roofline: FLOPs per step are counted by running the transformer on the meta device under
-torch's FlopCounterMode for this size (34.8 TFLOP for klein-4B at 1024^2: 28.3 linear + 6.5
-attention); fraction = FLOPs / step seconds / peak (989 TFLOP/s: H100 bf16 dense). On CPU the
-fraction is printed but is not meaningful. With random weights the images are noise, which
+torch's FlopCounterMode for this size (``bench.flops``: 34.8 TFLOP for klein-4B at 1024^2: 28.3
+linear + 6.5 attention; 165.5 TFLOP for Kontext at 1024^2 with a 1024^2 reference, 8704 tokens:
+112.4 linear + 53.1 attention); fraction = FLOPs / step seconds / peak (989 TFLOP/s: H100 bf16
+dense). On CPU the fraction is printed but is not meaningful. With random weights the images are noise, which
 PNG compresses badly: the png stage is pessimistic compared with real pictures.
 """
 
@@ -44,13 +52,19 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    SCALES, THREADS_HELP, device_and_dtype, environment, load_klein_folder, print_table,
-    quiet_libraries, run_command, set_threads, tiny_klein_folder,
+    SCALES, THREADS_HELP, device_and_dtype, environment, load_folder, print_table, quiet_libraries,
+    run_command, set_threads,
 )
+from bench.workloads import WORKLOADS
 
 PROMPT = "a photo of a cat sitting on a red chair"
 TEXT_LAYERS = (9, 18, 27)  # the Qwen3 hidden states klein reads
 TABLE_HEADERS = ["stage", "ms", "% of total", "FLOP", "% of peak"]
+#: stage name -> (attribute path of the owner on the pipeline, method) timed around each call
+TIMED = {"text_encoding": ("", "encode_prompt"), "reference_encode": ("vae", "encode"),
+         "vae_decode": ("vae", "decode"), "to_pil": ("image_processor", "postprocess")}
+FLOPS_LABELS = {"text_encoding": "text encoding", "reference_encode": "reference enc.", "step": "one step",
+                "vae_decode": "vae decode"}
 
 
 def _si(flops: float) -> str:
@@ -58,6 +72,11 @@ def _si(flops: float) -> str:
         if flops >= scale:
             return f"{flops / scale:.2f} {unit}"
     return f"{flops:.0f}"
+
+
+def _tokens(step: dict[str, Any]) -> str:
+    reference = f" + {step['reference_tokens']} reference" if step.get("reference_tokens") else ""
+    return f"{step['tokens']} tokens ({step['image_tokens']} image{reference} + {step['text_tokens']} text)"
 
 
 class Marks:
@@ -88,12 +107,10 @@ class Marks:
         return {name: t - first for name, t in self.points}
 
 
-def build_pipeline(scale: str, device: str, dtype, work: Path, seed: int):
+def build_pipeline(workload, scale: str, device: str, dtype, work: Path, seed: int):
     if scale == "tiny":
-        return load_klein_folder(tiny_klein_folder(work / "tiny-models"), device, dtype)
-    from bench.models import build_klein_pipeline
-
-    return build_klein_pipeline(scale, device, dtype, seed=seed)
+        return load_folder(workload.tiny_folder(work / "tiny-models"), workload.pipeline_class, device, dtype)
+    return workload.build(scale, device, dtype, seed)
 
 
 @contextlib.contextmanager
@@ -112,11 +129,14 @@ def _wrapped(owner: Any, name: str, wrap) -> Iterator[None]:
             delattr(owner, name)
 
 
-def one_generation(pipeline, args, safety, storage, cuda: bool, index: int) -> dict[str, float]:
-    """Run one instrumented generation; return seconds per stage."""
+def one_generation(pipeline, args, safety, storage, cuda: bool, index: int, reference=None) -> dict[str, float]:
+    """Run one instrumented generation (kontext: editing ``reference``); return seconds per stage."""
     import torch
 
     from fluxserve.images import encode_png
+
+    workload = WORKLOADS[args.model]
+    timed_stages = [name for name in workload.stages if name != "steps"]
 
     marks = Marks(cuda)
     step = {"i": 0}
@@ -139,24 +159,25 @@ def one_generation(pipeline, args, safety, storage, cuda: bool, index: int) -> d
         step["i"] = i + 1
         return callback_kwargs
 
+    # a prompt of its own per generation: a prompt cache (--optimizations) must not hit
+    call = workload.call(workload.spec, f"{PROMPT} ({index})", args.size, args.steps, reference)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_wrapped(pipeline, "encode_prompt", timed("text_encoding")))
-        stack.enter_context(_wrapped(pipeline.vae, "decode", timed("vae_decode")))
-        stack.enter_context(_wrapped(pipeline.image_processor, "postprocess", timed("to_pil")))
+        for name in timed_stages:
+            path, method = TIMED[name]
+            owner = pipeline if not path else getattr(pipeline, path)
+            stack.enter_context(_wrapped(owner, method, timed(name)))
         stack.callback(pipeline.transformer.register_forward_pre_hook(pre_hook, with_kwargs=True).remove)
         marks.mark("call:start")
-        # a prompt of its own per generation: a prompt cache (--optimizations) must not hit
-        image = pipeline(prompt=f"{PROMPT} ({index})", height=args.size, width=args.size,
-                         num_inference_steps=args.steps, guidance_scale=1.0, output_type="pil",
-                         callback_on_step_end=on_step_end,
+        image = pipeline(**call, callback_on_step_end=on_step_end,
                          generator=torch.Generator("cpu").manual_seed(args.seed + index)).images[0]
         marks.mark("call:end")
     at = marks.seconds()
-    stages = {"text_encoding": at["text_encoding:end"] - at["text_encoding:start"]}
-    for i in range(args.steps):
-        stages[f"step_{i + 1}"] = at[f"step{i}:end"] - at[f"step{i}:start"]
-    stages["vae_decode"] = at["vae_decode:end"] - at["vae_decode:start"]
-    stages["to_pil"] = at["to_pil:end"] - at["to_pil:start"]
+    stages = {}
+    for name in workload.stages:  # in call order
+        if name == "steps":
+            stages.update({f"step_{i + 1}": at[f"step{i}:end"] - at[f"step{i}:start"] for i in range(args.steps)})
+        else:
+            stages[name] = at[f"{name}:end"] - at[f"{name}:start"]
     stages["other"] = at["call:end"] - at["call:start"] - sum(stages.values())
 
     image = image.convert("RGB")
@@ -171,10 +192,10 @@ def one_generation(pipeline, args, safety, storage, cuda: bool, index: int) -> d
     return stages
 
 
-def flops_for(pipeline_or_scale, size: int, text_layers: int | None = None) -> dict[str, dict]:
+def flops_for(pipeline_or_scale, size: int, text_layers: int | None = None, model: str = "klein") -> dict[str, dict]:
     from bench.flops import pipeline_flops
 
-    return pipeline_flops(pipeline_or_scale, size, size, text_layers=text_layers)
+    return pipeline_flops(pipeline_or_scale, size, size, text_layers=text_layers, model=model)
 
 
 def apply_optimizations(pipeline, spec: str, device: str) -> dict[str, str]:
@@ -187,9 +208,12 @@ def apply_optimizations(pipeline, spec: str, device: str) -> dict[str, str]:
     return apply(pipeline, Optimizations.from_strings("" if spec == "default" else spec), device=device)
 
 
-def _flops_line(name: str, f: dict[str, Any]) -> str:
-    parts = [f"{k} {_si(f[k])}" for k in ("linear", "attention", "convolution", "other") if f[k]]
-    return f"  {name:<14} {_si(f['total']):>9}FLOP  ({' + '.join(parts)})"
+def _flops_lines(flops: dict[str, dict]) -> None:
+    for name, f in flops.items():
+        parts = " + ".join(f"{k} {_si(f[k])}" for k in ("linear", "attention", "convolution", "other") if f[k])
+        if "t5" in f:
+            parts += f"; CLIP {_si(f['clip'])}, T5 {_si(f['t5'])}"
+        print(f"  {FLOPS_LABELS.get(name, name):<14} {_si(f['total']):>9}FLOP  ({parts})")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -208,23 +232,25 @@ def _measure(args: argparse.Namespace, device: str, dtype, cuda: bool, work: Pat
     from fluxserve.safety import SafetyChecker
     from fluxserve.storage.local import LocalStorage
 
+    workload = WORKLOADS[args.model]
+    reference = workload.reference(args.size, args.seed)
     started = time.perf_counter()
-    pipeline = build_pipeline(args.scale, device, dtype, work, args.seed)
+    pipeline = build_pipeline(workload, args.scale, device, dtype, work, args.seed)
     build_s = time.perf_counter() - started
     applied = apply_optimizations(pipeline, args.optimizations, device)
     truncated = str(applied.get("truncate_text_encoder", "")).startswith("on")
     flops = flops_for(pipeline, args.size, text_layers=max(TEXT_LAYERS) if truncated else None)
     safety = SafetyChecker(args.nsfw_threshold)
     storage = LocalStorage(work / "outputs", "http://127.0.0.1")
-    one_generation(pipeline, args, safety, storage, cuda, index=-1)  # warm-up (kernels, ONNX model load)
-    runs = [one_generation(pipeline, args, safety, storage, cuda, index=i) for i in range(args.repeats)]
+    one_generation(pipeline, args, safety, storage, cuda, -1, reference)  # warm-up (kernels, ONNX model load)
+    runs = [one_generation(pipeline, args, safety, storage, cuda, i, reference) for i in range(args.repeats)]
     median = {name: statistics.median(run[name] for run in runs) for name in runs[0]}
     total = sum(median.values())
     peak = args.peak_tflops * 1e12
     step_names = [f"step_{i + 1}" for i in range(args.steps)]
     step_s = statistics.median(median[name] for name in step_names)
-    stage_flops = {"text_encoding": flops["text_encoding"]["total"], "vae_decode": flops["vae_decode"]["total"],
-                   **{name: flops["step"]["total"] for name in step_names}}
+    stage_flops = {name: f["total"] for name, f in flops.items() if name != "step"}  # keys are stage names
+    stage_flops.update({name: flops["step"]["total"] for name in step_names})
     rows = []
     for name, seconds in median.items():
         f = stage_flops.get(name)
@@ -235,7 +261,8 @@ def _measure(args: argparse.Namespace, device: str, dtype, cuda: bool, work: Pat
         "benchmark": "stages",
         "command": "python -m bench.stages " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "config": {"scale": args.scale, "size": args.size, "steps": args.steps, "repeats": args.repeats,
+        "config": {"model": args.model, "model_id": workload.model_id, "scale": args.scale, "size": args.size,
+                   "steps": args.steps, "repeats": args.repeats,
                    "optimizations": args.optimizations, "applied": applied,
                    "seed": args.seed, "peak_tflops": args.peak_tflops,
                    "timer": "cuda events" if cuda else "perf_counter",
@@ -257,7 +284,7 @@ def _measure(args: argparse.Namespace, device: str, dtype, cuda: bool, work: Pat
 def print_report(result: dict[str, Any]) -> None:
     config, env = result["config"], result["environment"]
     size = f"{config['size']}x{config['size']}"
-    print(f"stages of one FLUX.2 klein text2img generation: scale {config['scale']}, {size}, "
+    print(f"stages of one {WORKLOADS[config['model']].title} generation: scale {config['scale']}, {size}, "
           f"{config['steps']} steps, median of {config['repeats']} after a warm-up, timer {config['timer']}")
     print(f"device {env['device']} ({env.get('gpu', env['machine'])}), {env['dtype']}, torch {env['torch']}, "
           f"diffusers {env['diffusers']}, {env['torch_threads']} torch threads")
@@ -271,10 +298,8 @@ def print_report(result: dict[str, Any]) -> None:
     print_table(TABLE_HEADERS, table)
     print()
     flops = result["flops"]
-    print(f"FLOPs (counted on the meta device, {flops['step']['tokens']} tokens per step incl. 512 text):")
-    print(_flops_line("text encoding", flops["text_encoding"]))
-    print(_flops_line("one step", flops["step"]))
-    print(_flops_line("vae decode", flops["vae_decode"]))
+    print(f"FLOPs (counted on the meta device, {_tokens(flops['step'])} per step):")
+    _flops_lines(flops)
     label = "" if result["roofline_meaningful"] else "  (CPU: not meaningful)"
     print(f"roofline: step {result['step_s'] * 1000:.2f} ms (median) for {_si(result['step_flops'])}FLOP -> "
           f"{100 * result['roofline_fraction']:.3g}% of {config['peak_tflops']:.0f} TFLOP/s{label}")
@@ -282,26 +307,27 @@ def print_report(result: dict[str, Any]) -> None:
 
 def flops_only(args: argparse.Namespace) -> int:
     """Print the FLOP counts of a scale at a size (meta device: no weights, no GPU)."""
-    flops = flops_for(args.scale, args.size)
-    print(f"FLOPs of FLUX.2 klein, scale {args.scale}, {args.size}x{args.size}, counted on the meta device:")
-    print(_flops_line("text encoding", flops["text_encoding"]))
-    print(_flops_line("one step", flops["step"]))
-    print(_flops_line("vae decode", flops["vae_decode"]))
+    flops = flops_for(args.scale, args.size, model=args.model)
+    print(f"FLOPs of {WORKLOADS[args.model].title}, scale {args.scale}, {args.size}x{args.size}, counted on the "
+          f"meta device, {_tokens(flops['step'])} per step:")
+    _flops_lines(flops)
     step = flops["step"]["total"]
     print(f"at {args.peak_tflops:.0f} TFLOP/s: one step >= {1000 * step / (args.peak_tflops * 1e12):.2f} ms, "
           f"{args.steps} steps >= {1000 * args.steps * step / (args.peak_tflops * 1e12):.1f} ms")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"benchmark": "stages-flops", "scale": args.scale, "size": args.size,
-                                         "flops": flops}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"benchmark": "stages-flops", "model": args.model, "scale": args.scale,
+                                         "size": args.size, "steps": args.steps, "flops": flops}, indent=2) + "\n")
     return 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.stages", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(WORKLOADS), default="klein",
+                        help="klein: FLUX.2 klein text2img; kontext: Flux Kontext editing of one init image")
     parser.add_argument("--scale", choices=SCALES, default="small")
     parser.add_argument("--size", type=int, default=1024, help="width = height, a multiple of 16")
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=None, help="default: the service's (klein 4, kontext 28)")
     parser.add_argument("--repeats", type=int, default=3, help="measured generations (median), after a warm-up")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="roofline peak (H100/H200 bf16 dense: 989)")
@@ -315,6 +341,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="write the raw numbers here")
     args = parser.parse_args(argv)
     args.argv = argv
+    if args.steps is None:
+        args.steps = WORKLOADS[args.model].spec.steps
     if args.size % 16 or args.size < 16:
         parser.error("--size must be a multiple of 16")
     if args.repeats < 1 or args.steps < 1:

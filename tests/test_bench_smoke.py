@@ -106,3 +106,89 @@ def test_true_scale_is_refused_on_cpu_without_force(capsys):
     assert service_vs_bare.main(["--scale", "true"]) == 2
     assert stages.main(["--scale", "true"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+# -- Flux Kontext (--model kontext) --------------------------------------------------------------
+
+
+def test_service_vs_bare_runs_kontext_end_to_end_on_the_tiny_pipelines(tmp_path):
+    out = tmp_path / "kontext.json"
+    done = _run("bench.service_vs_bare", "--model", "kontext", "--scale", "tiny", "--size", "256", "--steps", "2",
+                "--requests", "2", "--clients", "2", "--rounds", "1", "--optimizations", "none", "--json", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Flux Kontext" in done.stdout
+    # the v6 img2img request with a data: URI init image = the Generator's Kontext call, pixel for pixel
+    assert "[none] identical: yes" in done.stdout
+    result = json.loads(out.read_text())
+    assert result["config"]["model"] == "kontext" and result["config"]["model_id"] == "flux-kontext-dev"
+    assert result["config"]["steps"] == 2 and result["config"]["guidance_scale"] == 2.5
+    assert result["identical"] == {"none": True} and result["identity"]["none"]["compared_images"] == 2
+    modes = [(row["mode"], row["optimizations"], row["clients"]) for row in result["rows"]]
+    assert modes == [("bare", "-", 1), ("service sequential", "none", 1), ("service throughput", "none", 2)]
+
+
+def test_stages_runs_kontext_end_to_end_at_small_scale(tmp_path):
+    out = tmp_path / "kontext_stages.json"
+    done = _run("bench.stages", "--model", "kontext", "--scale", "small", "--size", "128", "--steps", "2",
+                "--repeats", "1", "--json", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Flux Kontext" in done.stdout and "(CPU: not meaningful)" in done.stdout
+    result = json.loads(out.read_text())
+    assert result["config"]["model"] == "kontext"
+    stages = [row["stage"] for row in result["rows"]]
+    assert stages == ["text_encoding", "reference_encode", "step_1", "step_2", "vae_decode", "to_pil", "other",
+                      "safety_check", "png_encode", "store"]
+    flops = result["flops"]
+    assert set(flops) == {"text_encoding", "reference_encode", "step", "vae_decode"}
+    assert flops["step"]["tokens"] == 2 * (128 // 16) ** 2 + 512  # image + reference + T5 tokens
+    assert result["step_flops"] == flops["step"]["total"] > 0
+    by_stage = {row["stage"]: row for row in result["rows"]}
+    assert by_stage["reference_encode"]["tflop"] * 1e12 == flops["reference_encode"]["total"] > 0
+
+
+def test_kontext_true_scale_components_have_the_published_sizes():
+    import torch
+
+    from bench.models import build_kontext_pipeline, parameter_counts
+
+    counts = parameter_counts("true", "kontext")
+    published = {"transformer": 11.9e9, "text_encoder_2": 4.76e9, "text_encoder": 123e6, "vae": 84e6}
+    assert set(counts) == set(published)
+    for name, size in published.items():
+        assert counts[name] == pytest.approx(size, rel=0.02), name
+    pipeline = build_kontext_pipeline("true", device="meta", dtype=torch.bfloat16)  # the GPU build, without memory
+    assert parameter_counts(pipeline) == counts  # the model is told by the pipeline's class
+    assert {p.dtype for p in pipeline.transformer.parameters()} == {torch.bfloat16}
+    assert len(pipeline.tokenizer) <= pipeline.text_encoder.config.vocab_size
+    assert len(pipeline.tokenizer_2) <= pipeline.text_encoder_2.config.vocab_size
+    assert torch.get_default_dtype() == torch.float32  # restored after the build
+    assert parameter_counts("true") == parameter_counts("true", "klein")  # klein stays the default
+
+
+def test_kontext_true_scale_flops():
+    from bench.flops import flux1_step_flops, pipeline_flops
+    from bench.models import meta_components
+
+    flops = pipeline_flops("true", 1024, 1024, model="kontext")
+    # 4096 image + 4096 reference + 512 T5 tokens through 19 double + 38 single blocks of width 3072
+    assert flops["step"]["tokens"] == 8704
+    assert flops["step"]["linear"] == pytest.approx(2 * 6.455e9 * 8704, rel=0.005)
+    assert flops["step"]["attention"] == pytest.approx(4 * 8704**2 * 3072 * 57, rel=0.001)
+    # T5-XXL over 512 tokens: its 4.63 B non-embedding weights, plus attention (24 layers, width 4096)
+    assert flops["text_encoding"]["t5"] == pytest.approx(2 * 4.63e9 * 512 + 4 * 512**2 * 4096 * 24, rel=0.005)
+    assert flops["reference_encode"]["total"] > 0 and flops["vae_decode"]["total"] > flops["reference_encode"]["total"]
+    # without a reference the same transformer is FLUX.1-dev: 74.4 TFLOP/step (PERFORMANCE.md)
+    flux1_dev = flux1_step_flops(meta_components("true", "kontext")["transformer"], 1024, 1024, reference_tokens=0)
+    assert flux1_dev["total"] == pytest.approx(74.4e12, rel=0.005)
+
+
+def test_kontext_true_scale_is_refused_on_cpu_without_force(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: true scale runs")
+    from bench import service_vs_bare, stages
+
+    assert service_vs_bare.main(["--model", "kontext", "--scale", "true"]) == 2
+    assert stages.main(["--model", "kontext", "--scale", "true"]) == 2
+    assert "Flux Kontext dev pipeline" in capsys.readouterr().err
