@@ -177,6 +177,10 @@ class Bench:
         self.identity = {spec: {"identical": False, "identical_images": 0, "compared_images": 0,
                                 "max_pixel_difference": 0} for spec in args.optimizations}
         self.applied: dict[str, Any] = {}
+        # images of the first round's throughput runs (where dynamic batching happens), to be
+        # compared with the same service's solo answers for the same prompts and seeds
+        self.concurrent_results: dict[str, list[tuple[str, int, bytes | None, dict]]] = {}
+        self.batch_identity: dict[str, dict[str, Any]] = {}
 
     def jobs(self, tag: str) -> list[tuple[str, str, int]]:
         """(tag, prompt, seed) of each request of a run; the tag makes the prompts unique to it."""
@@ -268,7 +272,35 @@ class Bench:
         summary["server_generation_time_s"] = [answer["generationTime"] for *_, answer in results]
         if compare:
             self._compare(spec, results)
+        elif tag.startswith("r0-"):
+            self.concurrent_results.setdefault(spec, []).extend(results)
         return summary
+
+    def check_batches(self, live, spec: str) -> None:
+        """After the timed runs: each image of the first round's concurrent runs against the same
+        service's answer to the same request sent alone (one client: nothing to batch with).
+        With dynamic batching on, this is "batched image == solo image" on this device."""
+        import httpx
+        import numpy as np
+        from PIL import Image
+
+        check = {"compared_images": 0, "identical_images": 0, "batched_images": 0, "max_pixel_difference": 0}
+        with httpx.Client(base_url=live.base_url, timeout=self.args.sync_wait + 120) as client:
+            for prompt, seed, png, answer in self.concurrent_results.get(spec, []):
+                if png is None:
+                    continue
+                _, _, solo_png = self._request(client, live.key, prompt, seed)
+                concurrent, solo = (np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+                                    for data in (png, solo_png))
+                check["compared_images"] += 1
+                check["batched_images"] += (answer.get("meta") or {}).get("batch_size", 1) > 1
+                if np.array_equal(concurrent, solo):
+                    check["identical_images"] += 1
+                else:
+                    check["max_pixel_difference"] = max(check["max_pixel_difference"],
+                                                        int(np.abs(concurrent - solo).max()))
+        check["identical"] = check["compared_images"] > 0 and check["identical_images"] == check["compared_images"]
+        self.batch_identity[spec] = check
 
     def _compare(self, spec: str, results: list[tuple[str, int, bytes | None, dict]]) -> None:
         import numpy as np
@@ -337,6 +369,8 @@ class Bench:
                         runs[f"{spec}|throughput {clients}"].append(
                             self.service_run(live, spec, clients, f"{tag}-{spec}-c{clients}", compare=False))
             runs["bare"].append(self.bare(f"r{self.args.rounds}"))
+            for spec, live in services.items():
+                self.check_batches(live, spec)
         self._bare_thread.shutdown()
         for identity in self.identity.values():
             compared = identity["compared_images"]
@@ -407,6 +441,12 @@ def print_report(result: dict[str, Any]) -> None:
                   f"images equal the bare pipeline's for the same prompt and seed")
         else:
             print(f"[{spec}] identical: not checked (--no-download)")
+        check = result.get("concurrent_vs_solo", {}).get(spec)
+        if check and check["compared_images"]:
+            verdict = "yes" if check["identical"] else f"no (max pixel difference {check['max_pixel_difference']})"
+            print(f"[{spec}] concurrent == solo: {verdict}: {check['identical_images']}/{check['compared_images']} "
+                  f"images of the first round's concurrent runs ({check['batched_images']} of them from batched "
+                  f"calls) equal the service's answer to the same request sent alone")
         applied = result["applied"].get(spec)
         if isinstance(applied, dict):
             applied = "; ".join(f"{k}: {v}" for report in applied.values() if isinstance(report, dict)
@@ -442,6 +482,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["applied"] = bench.applied
         result["identity"] = bench.identity
         result["identical"] = {spec: value["identical"] for spec, value in bench.identity.items()}
+        result["concurrent_vs_solo"] = bench.batch_identity
         result["rows"] = _rows(result["runs"])
         return result
     finally:

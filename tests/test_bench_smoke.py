@@ -49,6 +49,18 @@ def test_service_vs_bare_runs_end_to_end_on_the_tiny_pipelines(tmp_path):
     assert [len(run["latencies_s"]) for run in result["runs"]["none|sequential"]] == [4]
 
 
+def test_service_vs_bare_checks_batched_images_against_solo_answers(tmp_path):
+    out = tmp_path / "batching.json"
+    done = _run("bench.service_vs_bare", "--scale", "tiny", "--size", "256", "--steps", "2", "--requests", "6",
+                "--clients", "6", "--rounds", "1", "--optimizations", "none", "--setting", "max_batch_size=6",
+                "--setting", "batch_wait_seconds=0.3", "--json", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    check = json.loads(out.read_text())["concurrent_vs_solo"]["none"]
+    assert check["compared_images"] == 6 and check["batched_images"] >= 2
+    assert check["identical"] is True and check["identical_images"] == 6  # batch-invariant engine (CPU)
+    assert "[none] concurrent == solo: yes: 6/6" in done.stdout
+
+
 def test_stages_runs_end_to_end_at_small_scale(tmp_path):
     out = tmp_path / "stages.json"
     done = _run("bench.stages", "--scale", "small", "--size", "256", "--steps", "2", "--repeats", "1",
