@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from datetime import timedelta
 from typing import Any, Protocol
@@ -145,6 +147,7 @@ class Worker:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_recovery = 0.0
+        self._encoders = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="png")
         self._status_due = False  # a job ran since the last status report
         self._last_status = 0.0
         self._reported_models: list[str] = []
@@ -176,6 +179,7 @@ class Worker:
                 self._drain_commands()
             else:
                 self._wait_for_work()
+        self._encoders.shutdown(wait=True)
 
     def _gather_batch(self, job: Job) -> list[Job]:
         """Dynamic batching (off at max_batch_size 1): wait briefly for compatible jobs, claim them."""
@@ -338,12 +342,18 @@ class Worker:
 
     def _finish(self, job: Job, params: JobParams, meta: dict[str, Any], images, started: float) -> float | None:
         """Safety check, store (and upload), and record the success exactly once."""
+        # PNGs are encoded on the encoder threads (the codec releases the GIL) while the safety
+        # checker scores the same images here: a flagged image's PNG is replaced by the blank's
+        encoding = [self._encoders.submit(encode_png, image) for image in images]
         nsfw = False
         if params.safety_checker:
-            images, scores, nsfw = self.safety.filter(images)
+            checked, scores, nsfw = self.safety.filter(images)
             meta["nsfw_scores"] = [round(score, 4) for score in scores]
+            pngs = [future.result() if kept is image else encode_png(kept)
+                    for future, image, kept in zip(encoding, images, checked)]
+        else:
+            pngs = [future.result() for future in encoding]
         names = job.output_names()
-        pngs = [encode_png(image) for image in images]
         for name, png in zip(names, pngs):
             self.outputs.save(name, png)  # same names on a retry: one set of files
         output_urls = self._upload(params, names, pngs) if params.remote else None
