@@ -204,3 +204,12 @@ def test_kontext_true_scale_is_refused_on_cpu_without_force(capsys):
     assert service_vs_bare.main(["--model", "kontext", "--scale", "true"]) == 2
     assert stages.main(["--model", "kontext", "--scale", "true"]) == 2
     assert "Flux Kontext dev pipeline" in capsys.readouterr().err
+
+
+def test_png_benchmark_runs_and_every_encoding_is_lossless(tmp_path):
+    out = tmp_path / "png.json"
+    done = _run("bench.png", "--size", "128", "--repeats", "1", "--json", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["picture"], r["encoder"]) for r in rows][:2] == [("noise", "pillow default"), ("noise", "fluxserve encode_png")]
+    assert len(rows) == 6 and all(r["lossless"] and r["seconds"] > 0 for r in rows)
