@@ -149,3 +149,28 @@ def test_restart_server_keeps_queued_jobs_and_a_dead_worker_fails_one_job_cleanl
             assert after > victim
     finally:
         server.stop()
+
+
+@pytest.mark.timeout(600)
+def test_a_dead_worker_requeues_every_job_of_its_batch_at_once(tmp_path, tiny_root):
+    """Each job of a batch is known to the server as running, so all of them are requeued when
+    the worker process dies, not only one (the others would wait out their lease: 10 min here)."""
+    server = ServerProcess(tmp_path / "data", tiny_root, FLUXSERVE_SYNC_WAIT_SECONDS="0", FLUXSERVE_MAX_BATCH_SIZE="4",
+                           FLUXSERVE_BATCH_WAIT_SECONDS="1.0", FLUXSERVE_LEASE_SECONDS="600")
+    db_url = f"sqlite:///{(tmp_path / 'data' / 'fluxserve.db').resolve()}"
+    key = server.create_key()
+    server.start()
+    try:
+        with httpx.Client(base_url=server.base_url, timeout=60) as client:
+            body = {"key": key, "width": 768, "height": 768, "num_inference_steps": 30, "safety_checker": False}
+            ids = [client.post(KLEIN, json={**body, "prompt": f"p{i}", "seed": i}).json()["id"] for i in range(3)]
+            wait_until(lambda: statuses(db_url)["running"] == 3, 60, "the three jobs to run as one batch")
+            server.kill_worker()
+            wait_until(lambda: statuses(db_url)["succeeded"] == 3, 240, "every job of the batch to finish")
+            for job_id in ids:
+                answer = client.post(f"/api/v1/enterprise/flux_klein/fetch/{job_id}", json={"key": key}).json()
+                assert answer["status"] == "success"
+            with open_database(db_url)() as session:  # each one ran twice: killed in the batch, then again
+                assert sorted(session.scalars(select(Job.attempts).where(Job.id.in_(ids)))) == [2, 2, 2]
+    finally:
+        server.stop()

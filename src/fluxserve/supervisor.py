@@ -27,16 +27,15 @@ class WorkerLink:
     def __init__(self, events: JobEvents, metrics: Metrics):
         self.events = events
         self.metrics = metrics
-        self.current: tuple[int, str] | None = None  # (job id, claim token) being run
+        self.running: dict[int, str] = {}  # job id -> claim token, of every job being run (a batch: several)
         self.last_status: dict[str, Any] = {}
 
     def job_started(self, job_id: int, token: str) -> None:
-        self.current = (job_id, token)
+        self.running[job_id] = token
         self.events.job_changed(job_id)
 
     def job_finished(self, job_id: int, outcome: str, generation_time: float | None, queue_time: float) -> None:
-        if self.current and self.current[0] == job_id:
-            self.current = None
+        self.running.pop(job_id, None)
         self.metrics.jobs_finished.labels(outcome).inc()
         if outcome == "succeeded" and generation_time is not None:
             self.metrics.generation_seconds.observe(generation_time)
@@ -233,9 +232,8 @@ class ProcessWorkerHost:
                 getattr(self.link, kind)(*args)
             except (queue.Empty, OSError, EOFError, ValueError):
                 break
-        current, self.link.current = self.link.current, None
-        if current is not None:
-            job_id, token = current
+        running, self.link.running = self.link.running, {}
+        for job_id, token in running.items():
             outcome = self.jobs.recover(job_id, token, self.settings.max_job_attempts)
             log.warning("job %s was running in the dead worker: %s", job_id, outcome)
             if outcome == "failed":
