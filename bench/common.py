@@ -107,10 +107,14 @@ def run_command(args, run, print_report) -> int:
 
         print(GPU_ONLY_MESSAGE.format(true_size=WORKLOADS[args.model].true_size), file=sys.stderr)
         return 2
-    result = run(args)
-    print_report(result)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"raw numbers: {args.json}")
+    report_and_save(run(args), print_report, args.json)
     return 0
+
+
+def report_and_save(result: dict[str, Any], print_report, json_path: Path | None) -> None:
+    """Print the table; write the raw numbers to ``json_path`` when given."""
+    print_report(result)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"raw numbers: {json_path}")
