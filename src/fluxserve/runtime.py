@@ -72,7 +72,7 @@ def build_worker(settings: Settings, *, sink=None, commands=None):
         storage_configs=storage_configs, uploader=uploader, enhancer=build_enhancer(settings),
         max_batch_size=settings.max_batch_size, batch_wait_seconds=settings.batch_wait_seconds,
         pipelines=PipelineCache(device, compute_dtype(device, optimizations), residency, optimizations,
-                                tuple(settings.compile_warm_sizes)),
+                                tuple(settings.compile_warm_sizes), settings.max_batch_size),
         safety=SafetyChecker(settings.nsfw_threshold),
         outputs=LocalStorage(settings.outputs_dir, settings.base_url),
         inputs=LocalStorage(settings.inputs_dir, settings.base_url),

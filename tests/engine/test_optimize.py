@@ -345,6 +345,31 @@ def test_compile_and_warm_up(tiny_root):
     assert np.abs(compiled - eager).max() <= 2  # fused kernels may differ in the last bits
 
 
+def test_compiled_batches_are_warmed_at_load_and_keep_solo_bits(tiny_root):
+    """With dynamic batching on, the warm-up also runs a batch of two: later batches of any size
+    reuse that (batch-dynamic) graph, and each batched image is still its solo run's."""
+    reason = optimize._inductor_unavailable("cpu")
+    if reason:
+        pytest.skip(f"torch.compile cannot run here: {reason}")
+    import torch._dynamo
+
+    from fluxserve.engine.batch_invariance import make_batch_invariant
+
+    pipeline = load(tiny_root)
+    make_batch_invariant(pipeline)
+    apply(pipeline, only(compile=True), device="cpu")
+    warm_up(pipeline, sizes=[(SIZE, SIZE)], steps=1, batch=3)
+    prompts, seeds = ["a cat", "a dog", "a cow"], [1, 2, 3]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        batched = pipeline(prompt=prompts, height=SIZE, width=SIZE, num_inference_steps=1, guidance_scale=1.0,
+                           generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type="np").images
+        solo = [pipeline(prompt=p, height=SIZE, width=SIZE, num_inference_steps=1, guidance_scale=1.0,
+                         generator=torch.Generator("cpu").manual_seed(s), output_type="np").images[0]
+                for p, s in zip(prompts, seeds)]
+    for one, alone in zip(batched, solo):
+        assert np.array_equal(one, alone)
+
+
 def test_a_failing_compile_falls_back_to_eager_at_warm_up(tiny_root):
     pipeline = load(tiny_root)
     apply(pipeline, only(compile=False), device="cpu")

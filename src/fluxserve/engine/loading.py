@@ -59,12 +59,13 @@ class PipelineCache:
 
     def __init__(
         self, device: str, dtype: torch.dtype, residency: Residency | None = None,
-        optimizations: Optimizations | None = None, warm_sizes: tuple[int, ...] = (),
+        optimizations: Optimizations | None = None, warm_sizes: tuple[int, ...] = (), warm_batch: int = 1,
     ):
         self.device = device
         self.dtype = dtype
         self.optimizations = optimizations or Optimizations.none()
         self.warm_sizes = warm_sizes  # compiled pipelines are warmed at these square sizes at load
+        self.warm_batch = warm_batch  # and, with dynamic batching (max batch size > 1), batched too
         self._pipelines: dict[tuple[str, str], Any] = {}
         self._lock = threading.RLock()  # on_evict runs inside place(), inside get()
         self.residency = residency or Residency(device=device, budget_bytes=None, on_evict=self._evicted)
@@ -98,7 +99,8 @@ class PipelineCache:
         log.info("optimizations for %s: %s", _key(cache_key), report)
         if self.optimizations.compile and self.warm_sizes and cache_key == (spec.pipeline, spec.source):
             references = 1 if spec.pipeline == "FluxKontextPipeline" else 0
-            timings = warm_up(pipeline, sizes=[(side, side) for side in self.warm_sizes], steps=1, references=references)
+            timings = warm_up(pipeline, sizes=[(side, side) for side in self.warm_sizes], steps=1, references=references,
+                              batch=self.warm_batch)
             log.info("compiled %s, warmed at %s", _key(cache_key), timings)
 
     def optimization_reports(self) -> dict[str, dict[str, str]]:
