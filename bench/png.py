@@ -1,5 +1,5 @@
-"""PNG encoding on the request path: the service's ``encode_png`` against Pillow's defaults, side
-by side in one run, on three kinds of picture (random noise: what random-weight models make and
+"""PNG encoding on the request path: the service's ``encode_png`` (on all cores, and held to one)
+against Pillow's defaults, side by side in one run, on three kinds of picture (random noise: what random-weight models make and
 the worst case; a smooth gradient with grain; a detailed fractal with noise). Usage:
 
     python -m bench.png [--size 1024] [--repeats 7] [--json bench/results/png.json]
@@ -21,7 +21,8 @@ import numpy as np
 from PIL import Image
 
 from bench.common import environment, print_table, report_and_save
-from fluxserve.images import encode_png
+from fluxserve import png_encoding
+from fluxserve.png_encoding import encode_png
 
 
 def pictures(size: int) -> dict[str, Image.Image]:
@@ -43,7 +44,18 @@ def pillow_default(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-ENCODERS = {"pillow default": pillow_default, "fluxserve encode_png": encode_png}
+def one_strip(image: Image.Image) -> bytes:
+    """The service's encoder held to one strip (one core): what the strips buy on this machine."""
+    workers = png_encoding._WORKERS
+    png_encoding._WORKERS = 1
+    try:
+        return encode_png(image)
+    finally:
+        png_encoding._WORKERS = workers
+
+
+ENCODERS = {"pillow default": pillow_default, "fluxserve, one strip": one_strip,
+            f"fluxserve, {png_encoding._WORKERS} strips": encode_png}
 
 
 def _fastest(encode, image: Image.Image, repeats: int) -> tuple[float, bytes]:

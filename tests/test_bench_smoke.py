@@ -211,5 +211,5 @@ def test_png_benchmark_runs_and_every_encoding_is_lossless(tmp_path):
     done = _run("bench.png", "--size", "128", "--repeats", "1", "--json", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["picture"], r["encoder"]) for r in rows][:2] == [("noise", "pillow default"), ("noise", "fluxserve encode_png")]
-    assert len(rows) == 6 and all(r["lossless"] and r["seconds"] > 0 for r in rows)
+    assert [(r["picture"], r["encoder"]) for r in rows][:2] == [("noise", "pillow default"), ("noise", "fluxserve, one strip")]
+    assert len(rows) == 9 and all(r["lossless"] and r["seconds"] > 0 for r in rows)

@@ -11,12 +11,10 @@ import struct
 import time
 import zlib
 
-import numpy as np
 import pytest
 from PIL import Image, ImageFile, ImageStat, features
 
-from fluxserve.images import MAX_PIXELS, ImageInputError, _to_rgb, decode_image, encode_png
-from tests.conftest import make_test_image
+from fluxserve.images import MAX_PIXELS, ImageInputError, _to_rgb, decode_image
 
 AVIF = features.check("avif")
 needs_avif = pytest.mark.skipif(not AVIF, reason="Pillow built without AVIF")
@@ -320,13 +318,3 @@ def test_high_bit_depth_grey_scaled_not_clipped(mode, values, expected):
     assert image.mode == "RGB"
     assert [image.getpixel((x, 0))[0] for x in range(len(values))] == pytest.approx(expected, abs=1)
 
-
-@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "CMYK"])
-def test_encode_png_is_lossless_png(mode):
-    picture = make_test_image(96, 64).convert(mode)
-    data = encode_png(picture)
-    assert data.startswith(b"\x89PNG\r\n\x1a\n")
-    back = Image.open(io.BytesIO(data))
-    expected = picture if mode in ("RGB", "RGBA", "L", "LA") else picture.convert("RGB")
-    assert back.mode == expected.mode and back.size == (96, 64)
-    assert np.array_equal(np.asarray(back), np.asarray(expected))

@@ -9,11 +9,10 @@ import struct
 import zlib
 
 import httpx
-import imagecodecs
-import numpy as np
 from PIL import Image, ImageOps, features
 
 from fluxserve.fetching import FetchError, FetchPolicy, decode_data_uri, fetch_bytes
+from fluxserve.png_encoding import encode_png  # noqa: F401 - re-exported: results out
 
 MAX_PIXELS = 40_000_000  # refuse decompression bombs before decoding pixels
 MAX_SIDE = 16_384  # and extreme aspects: 1x40M pixels is still a bomb for resizing
@@ -23,8 +22,6 @@ _ALLOWED_NAMES = [_FORMAT_NAMES[name] for name in ALLOWED_FORMATS]
 _USE = ", ".join(_ALLOWED_NAMES[:-1]) + " or " + _ALLOWED_NAMES[-1]
 _WHITE = (255, 255, 255)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_Z_RLE = 3  # zlib strategy: run lengths only; with the Sub filter, fast and close in size
-_PNG_FILTER_SUB = 16  # libpng's PNG_FILTER_SUB flag
 
 # Leading bytes of the formats worth naming in an error: the allowed ones (a file that starts
 # like one but does not open is truncated or corrupt) and the refused ones people send.
@@ -164,17 +161,6 @@ def _grey_to_l(image: Image.Image) -> Image.Image:
     grey = image.point(lambda v: v * scale - low * scale).convert("L")
     grey.info.pop("transparency", None)  # a 16-bit key colour means nothing at 8 bits (rare)
     return grey
-
-
-def encode_png(image: Image.Image) -> bytes:
-    """A lossless PNG, made for speed: libpng (via imagecodecs) with zlib level 1, the RLE
-    strategy and the Sub filter. At 1024x1024 that is about 15-20 ms on a slow CPU core against
-    100-225 ms for Pillow's defaults (level 6, adaptive filters), for files 0-80% larger
-    (measured on noise, smooth and detailed pictures); encoding sits on every request's path,
-    so it counts against the service's overhead over the bare pipeline."""
-    if image.mode not in ("RGB", "RGBA", "L", "LA"):
-        image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
-    return bytes(imagecodecs.png_encode(np.asarray(image), level=1, strategy=_Z_RLE, filter=_PNG_FILTER_SUB))
 
 
 def to_base64(data: bytes) -> str:
