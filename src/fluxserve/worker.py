@@ -16,8 +16,8 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from datetime import timedelta
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from PIL import Image
@@ -86,11 +86,11 @@ class _Claim:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job.id}", daemon=True)
 
-    def __enter__(self) -> "_Claim":
+    def start(self) -> "_Claim":
         self._thread.start()
         return self
 
-    def __exit__(self, *_exc) -> None:
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join()
 
@@ -114,6 +114,33 @@ class _Claim:
                 written, last_beat = progress, time.monotonic()
             except Exception:  # noqa: BLE001 - a missed beat is retried on the next tick
                 log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
+
+
+class _Finisher:
+    """Finishes jobs (safety check, PNG, store, the committing write) on a thread of its own, so
+    the worker starts the next job's generation meanwhile: the accelerator no longer waits for
+    CPU work between jobs. At most one finish waits behind the one in progress (``put`` blocks),
+    so images never pile up in memory. Claims keep beating until a job is finished."""
+
+    def __init__(self) -> None:
+        self._tasks: "queue.Queue[Callable[[], None] | None]" = queue.Queue(maxsize=1)
+        self._thread = threading.Thread(target=self._run, name="fluxserve-finisher", daemon=True)
+        self._thread.start()
+
+    def put(self, task: Callable[[], None]) -> None:
+        self._tasks.put(task)
+
+    def close(self) -> None:
+        """Finish what was handed over, then stop."""
+        self._tasks.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            try:
+                task()
+            except Exception:  # noqa: BLE001 - tasks record their own failures; never die
+                log.exception("finishing jobs failed")
 
 
 class Worker:
@@ -147,6 +174,7 @@ class Worker:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_recovery = 0.0
+        self._finisher = _Finisher()
         self._encoders = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="png")
         self._status_due = False  # a job ran since the last status report
         self._last_status = 0.0
@@ -179,6 +207,7 @@ class Worker:
                 self._drain_commands()
             else:
                 self._wait_for_work()
+        self._finisher.close()
         self._encoders.shutdown(wait=True)
 
     def _gather_batch(self, job: Job) -> list[Job]:
@@ -259,28 +288,44 @@ class Worker:
 
     # -- one job, or a batch of compatible ones ----------------------------------------------
     def process(self, job: Job) -> None:
+        """Generate now; finish (safety, PNG, store, commit) on the finisher thread."""
         self.sink.job_started(job.id, job.claim_token)
-        queue_time = _queue_time(job)
-        with _Claim(self.jobs, job, self.heartbeat_seconds) as claim:
-            outcome, generation_time = self._guarded(job, lambda: self._run_solo(job, claim))
-        self.sink.job_finished(job.id, outcome, generation_time, queue_time)
-        self._status_after_job()
+        self._run_one(job, _Claim(self.jobs, job, self.heartbeat_seconds).start())
 
     def process_batch(self, jobs: list[Job]) -> None:
         """Compatible text-to-image jobs in one pipeline call; if that call fails, each job runs
         alone (so one bad job or an out-of-memory batch costs no other job its result)."""
         for job in jobs:
             self.sink.job_started(job.id, job.claim_token)
-        with ExitStack() as stack:
-            claims = [stack.enter_context(_Claim(self.jobs, job, self.heartbeat_seconds)) for job in jobs]
-            try:
-                results = self._run_batch(jobs, claims)
-            except Exception:  # noqa: BLE001 - retried one by one below
-                log.warning("batch of jobs %s failed; running them one by one", [j.id for j in jobs], exc_info=True)
-                self.pipelines.release_memory()
-                results = [self._guarded(job, lambda job=job, claim=claim: self._run_solo(job, claim))
-                           for job, claim in zip(jobs, claims)]
-        for job, (outcome, generation_time) in zip(jobs, results):
+        claims = [_Claim(self.jobs, job, self.heartbeat_seconds).start() for job in jobs]
+        try:
+            finishes = self._generate_batch(jobs, claims)
+        except Exception:  # noqa: BLE001 - retried one by one below
+            log.warning("batch of jobs %s failed; running them one by one", [j.id for j in jobs], exc_info=True)
+            self.pipelines.release_memory()
+            for job, claim in zip(jobs, claims):
+                self._run_one(job, claim)
+            return
+        self._finish_later(list(zip(jobs, claims, finishes)))
+
+    def _run_one(self, job: Job, claim: _Claim) -> None:
+        try:
+            finish = self._generate_solo(job, claim)
+        except Exception as exc:  # noqa: BLE001 - recorded as the job's failure
+            self._settle([(job, claim, self._failed(job, exc))])
+            return
+        self._finish_later([(job, claim, finish)])
+
+    def _finish_later(self, items: list[tuple[Job, _Claim, Callable[[], float | None]]]) -> None:
+        def task() -> None:
+            self._settle([(job, claim, self._guarded(job, finish)) for job, claim, finish in items])
+
+        self._finisher.put(task)
+
+    def _settle(self, results: list[tuple[Job, _Claim, tuple[str, float | None]]]) -> None:
+        """A job is over (finished, failed or lost): stop its heartbeats and report it."""
+        for job, claim, (outcome, generation_time) in results:
+            claim.stop()
             self.sink.job_finished(job.id, outcome, generation_time, _queue_time(job))
         self._status_after_job()
 
@@ -288,13 +333,17 @@ class Worker:
         """Run one job's work; every failure becomes that job's recorded failure."""
         try:
             generation_time = run()
-            return ("succeeded" if generation_time is not None else "lost"), generation_time
-        except JobAborted:
+        except Exception as exc:  # noqa: BLE001 - the job fails with a message, the worker lives
+            return self._failed(job, exc)
+        return ("succeeded" if generation_time is not None else "lost"), generation_time
+
+    def _failed(self, job: Job, exc: Exception) -> tuple[str, None]:
+        if isinstance(exc, JobAborted):
             log.warning("job %s: claim lost mid-run; its new owner will finish it", job.id)
             return "lost", None
-        except (ModelLoadError, StorageUnavailable, UploadError) as exc:
+        if isinstance(exc, (ModelLoadError, StorageUnavailable, UploadError)):
             self.jobs.fail(job.id, job.claim_token, str(exc))
-        except Exception as exc:  # noqa: BLE001 - the job fails with a message, the worker lives
+        else:
             self.jobs.fail(job.id, job.claim_token, self._failure_message(job, exc))
         return "failed", None
 
@@ -313,16 +362,17 @@ class Worker:
             params.prompt = self._enhance(params.prompt, meta)
         return params, self.registry.get(params.model), meta
 
-    def _run_solo(self, job: Job, claim: _Claim) -> float | None:
+    def _generate_solo(self, job: Job, claim: _Claim) -> Callable[[], float | None]:
+        """Generate one job's images; returns the step that finishes it."""
         params, spec, meta = self._prepare(job)
         references = [self._load_input(name) for name in params.inputs]
         second = self._load_input(params.input_2) if params.input_2 else None
         self.pipelines.get(spec)  # load outside the timed section: generationTime is generation
         started = time.perf_counter()
         images = self.generator.run(spec, params, references, second, progress=claim.progress)
-        return self._finish(job, params, meta, images, started)
+        return lambda: self._finish(job, params, meta, images, started)
 
-    def _run_batch(self, jobs: list[Job], claims: list[_Claim]) -> list[tuple[str, float | None]]:
+    def _generate_batch(self, jobs: list[Job], claims: list[_Claim]) -> list[Callable[[], float | None]]:
         prepared = [self._prepare(job) for job in jobs]
         spec = prepared[0][1]
         self.pipelines.get(spec)
@@ -333,12 +383,12 @@ class Worker:
                 claim.progress(step, total)
 
         batches = self.generator.run_batch(spec, [params for params, _, _ in prepared], progress=progress)
-        results = []
+        finishes = []
         for job, (params, _, meta), images in zip(jobs, prepared, batches):
             meta["batch_size"] = len(jobs)  # shared a pipeline call with this many jobs
-            results.append(self._guarded(job, lambda job=job, params=params, meta=meta, images=images:
-                                         self._finish(job, params, meta, images, started)))
-        return results
+            finishes.append(lambda job=job, params=params, meta=meta, images=images:
+                            self._finish(job, params, meta, images, started))
+        return finishes
 
     def _finish(self, job: Job, params: JobParams, meta: dict[str, Any], images, started: float) -> float | None:
         """Safety check, store (and upload), and record the success exactly once."""
