@@ -35,3 +35,32 @@ def test_out_of_memory_fails_that_job_and_the_next_one_runs(tmp_path, tiny_root,
         ok = client.post(KLEIN, json={**body, "prompt": "fine"}).json()
         assert ok["status"] == "success"
         assert client.get("/health").json()["worker"]["alive"]
+
+
+def test_a_store_that_cannot_record_a_finish_leaves_the_job_to_the_lease(tmp_path, tiny_root, monkeypatch):
+    """If neither the success nor the failure can be written, the claim stops beating (it does
+    not keep the job 'running' forever): the lease expires, the job is requeued and runs again."""
+    from fluxserve.jobs.store import JobStore
+
+    real_succeed, broken = JobStore.succeed, []
+
+    def flaky(self, job_id, *args, **kwargs):
+        if not broken:
+            broken.append(job_id)
+            raise RuntimeError("database went away")
+        return real_succeed(self, job_id, *args, **kwargs)
+
+    monkeypatch.setattr(JobStore, "succeed", flaky)
+    monkeypatch.setattr(JobStore, "fail", lambda self, *a, **k: (_ for _ in ()).throw(RuntimeError("still away")))
+    with live_server(tmp_path, tiny_root, worker="thread", lease_seconds=1.5, heartbeat_seconds=0.2,
+                     sync_wait_seconds=0) as live, live.client() as client:
+        body = {"key": live.key, "prompt": "x", "width": 256, "height": 256, "num_inference_steps": 1}
+        job_id = client.post(KLEIN, json=body).json()["id"]
+        deadline, answer = time.monotonic() + 60, {}
+        while time.monotonic() < deadline:
+            answer = client.post(f"/api/v6/images/fetch/{job_id}", json={"key": live.key}).json()
+            if answer["status"] != "processing":
+                break
+            time.sleep(0.1)
+        assert broken == [job_id] and answer["status"] == "success"
+        assert client.get("/health").json()["worker"]["alive"]

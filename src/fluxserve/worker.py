@@ -312,13 +312,20 @@ class Worker:
         try:
             finish = self._generate_solo(job, claim)
         except Exception as exc:  # noqa: BLE001 - recorded as the job's failure
-            self._settle([(job, claim, self._failed(job, exc))])
+            try:
+                self._settle([(job, claim, self._failed(job, exc))])
+            finally:
+                claim.stop()  # even if recording the failure failed: the lease then requeues it
             return
         self._finish_later([(job, claim, finish)])
 
     def _finish_later(self, items: list[tuple[Job, _Claim, Callable[[], float | None]]]) -> None:
         def task() -> None:
-            self._settle([(job, claim, self._guarded(job, finish)) for job, claim, finish in items])
+            try:
+                self._settle([(job, claim, self._guarded(job, finish)) for job, claim, finish in items])
+            finally:  # a store that cannot even record a failure: stop beating, the lease requeues
+                for _, claim, _ in items:
+                    claim.stop()
 
         self._finisher.put(task)
 
