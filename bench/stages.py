@@ -133,7 +133,7 @@ def one_generation(pipeline, args, safety, storage, cuda: bool, index: int, refe
     """Run one instrumented generation (kontext: editing ``reference``); return seconds per stage."""
     import torch
 
-    from fluxserve.images import encode_png
+    from fluxserve.png_encoding import encode_png
 
     workload = WORKLOADS[args.model]
     timed_stages = [name for name in workload.stages if name != "steps"]

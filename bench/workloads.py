@@ -118,6 +118,6 @@ def reference_image(size: int, seed: int) -> Any:
 
 def data_uri(image: Any) -> str:
     """``image`` as a base64 PNG ``data:`` URI (what a client sends instead of a URL)."""
-    from fluxserve.images import encode_png
+    from fluxserve.png_encoding import encode_png
 
     return "data:image/png;base64," + base64.b64encode(encode_png(image)).decode("ascii")

@@ -1,5 +1,5 @@
-"""Getting init images in (fetch from a URL or data: URI, decode, normalise) and results out
-(PNG encoding, base64). No torch here: the HTTP layer uses it."""
+"""Getting init images in (fetch from a URL or data: URI, decode, normalise) and results out as
+base64 (PNG encoding: ``png_encoding``). No torch here: the HTTP layer uses it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import httpx
 from PIL import Image, ImageOps, features
 
 from fluxserve.fetching import FetchError, FetchPolicy, decode_data_uri, fetch_bytes
-from fluxserve.png_encoding import encode_png  # noqa: F401 - re-exported: results out
 
 MAX_PIXELS = 40_000_000  # refuse decompression bombs before decoding pixels
 MAX_SIDE = 16_384  # and extreme aspects: 1x40M pixels is still a bomb for resizing

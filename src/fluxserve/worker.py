@@ -15,16 +15,16 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from PIL import Image
 
 from fluxserve.engine.generate import Generator, JobAborted
 from fluxserve.engine.loading import ModelLoadError, PipelineCache
-from fluxserve.images import encode_png
+from fluxserve.png_encoding import encode_png
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.tables import Job, utcnow
 from fluxserve.models import KLEIN, Registry
@@ -280,7 +280,7 @@ class Worker:
         self._status_due, self._last_status = False, time.monotonic()
         self._reported_models = self.pipelines.loaded()
         try:
-            self.sink.status({"models_loaded": self.pipelines.loaded(), "gpu_memory": gpu_memory(),
+            self.sink.status({"models_loaded": self._reported_models, "gpu_memory": gpu_memory(),
                               "device": self.pipelines.device, "residency": self.pipelines.residency.accounting(),
                               "optimizations": self.pipelines.optimization_reports()})
         except Exception:  # noqa: BLE001 - status is best-effort
@@ -311,28 +311,26 @@ class Worker:
     def _run_one(self, job: Job, claim: _Claim) -> None:
         try:
             finish = self._generate_solo(job, claim)
-        except Exception as exc:  # noqa: BLE001 - recorded as the job's failure
-            try:
-                self._settle([(job, claim, self._failed(job, exc))])
-            finally:
-                claim.stop()  # even if recording the failure failed: the lease then requeues it
+        except Exception as exc:  # noqa: BLE001 - recorded as the job's failure, here, before the next job
+            self._conclude([(job, claim)], lambda error=exc: [self._failed(job, error)])
             return
         self._finish_later([(job, claim, finish)])
 
     def _finish_later(self, items: list[tuple[Job, _Claim, Callable[[], float | None]]]) -> None:
-        def task() -> None:
-            try:
-                self._settle([(job, claim, self._guarded(job, finish)) for job, claim, finish in items])
-            finally:  # a store that cannot even record a failure: stop beating, the lease requeues
-                for _, claim, _ in items:
-                    claim.stop()
+        self._finisher.put(lambda: self._conclude([(job, claim) for job, claim, _ in items],
+                                                  lambda: [self._guarded(job, finish) for job, _, finish in items]))
 
-        self._finisher.put(task)
-
-    def _settle(self, results: list[tuple[Job, _Claim, tuple[str, float | None]]]) -> None:
-        """A job is over (finished, failed or lost): stop its heartbeats and report it."""
-        for job, claim, (outcome, generation_time) in results:
-            claim.stop()
+    def _conclude(self, jobs: list[tuple[Job, _Claim]],
+                  record: Callable[[], list[tuple[str, float | None]]]) -> None:
+        """Jobs are over: ``record`` writes how each ended (finished, failed or lost); their
+        heartbeats stop (even if that write failed: the lease then requeues them); they are
+        reported."""
+        try:
+            results = record()
+        finally:
+            for _, claim in jobs:
+                claim.stop()
+        for (job, _), (outcome, generation_time) in zip(jobs, results):
             self.sink.job_finished(job.id, outcome, generation_time, _queue_time(job))
         self._status_after_job()
 

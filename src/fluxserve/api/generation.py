@@ -19,7 +19,8 @@ from fluxserve.api.errors import ApiError
 from fluxserve.api.responses import expired_body, failure_body, processing_body, success_body
 from fluxserve.config import Settings
 from fluxserve.events import JobEvents
-from fluxserve.images import ImageInputError, decode_image, encode_png, fetch_image_bytes
+from fluxserve.images import ImageInputError, decode_image, fetch_image_bytes
+from fluxserve.png_encoding import encode_png
 from fluxserve.jobs.status import JobStatus
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.tables import ApiKey, Job
