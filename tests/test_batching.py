@@ -11,21 +11,15 @@ from PIL import Image
 
 from fluxserve.engine.generate import Generator
 from tests.support.servers import live_server
+from tests.support.waiting import wait_for_job
 
 KLEIN = "/api/v1/enterprise/flux_klein/text2img"
 
 
 def _submit_and_wait(live, client, bodies):
     ids = [client.post(KLEIN, json=body).json()["id"] for body in bodies]
-    results = {}
-    deadline = time.monotonic() + 120
-    while len(results) < len(ids) and time.monotonic() < deadline:
-        for job_id in ids:
-            answer = client.post(f"/api/v6/images/fetch/{job_id}", json={"key": live.key}).json()
-            if answer["status"] != "processing":
-                results[job_id] = answer
-        time.sleep(0.05)
-    return [results[job_id] for job_id in ids]
+    deadline = time.monotonic() + 120  # for all of them together
+    return [wait_for_job(client, live.key, job_id, timeout=deadline - time.monotonic()).json() for job_id in ids]
 
 
 def _pixels(client, url):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.server
 import json
 import threading
-import time
 from collections import Counter
 
 import httpx
@@ -16,6 +15,7 @@ from sqlalchemy import func, select
 from fluxserve.jobs.database import open_database
 from fluxserve.jobs.tables import Job, WebhookDelivery
 from tests.support.process_server import ServerProcess, _alive
+from tests.support.waiting import wait_until
 
 KLEIN = "/api/v1/enterprise/flux_klein/text2img"
 
@@ -43,16 +43,6 @@ class Receiver(http.server.ThreadingHTTPServer):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}/hook"
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def statuses(db_url: str) -> Counter:

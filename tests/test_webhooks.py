@@ -31,6 +31,7 @@ from fluxserve.jobs.tables import WebhookDelivery, utcnow
 from fluxserve.keys import KeyStore
 from fluxserve.webhooks import WebhookDispatcher, backoff_seconds, parse_retry_after, serialize, sign, verify
 from tests.support.postgres import create_database
+from tests.support.waiting import wait_until
 
 _db_names = itertools.count(1)
 
@@ -224,14 +225,6 @@ def delivery_for(sessions, job_id: int) -> WebhookDelivery:
         return session.scalar(select(WebhookDelivery).where(WebhookDelivery.job_id == job_id))
 
 
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def later(seconds: float):
     return utcnow() + timedelta(seconds=seconds)
 
@@ -369,7 +362,7 @@ def test_background_dispatcher_gets_every_payload_through_a_flaky_receiver(sessi
     receiver.script = [503, (429, {"Retry-After": "1"}), "reset", ("sleep", 1.0), 502]
     dispatcher = dispatchers(sessions)
     dispatcher.start()
-    wait_for(lambda: all(r.status == "delivered" for r in deliveries(sessions)), 15, "every delivery")
+    wait_until(lambda: all(r.status == "delivered" for r in deliveries(sessions)), 15, "every delivery")
     dispatcher.stop()
 
     accepted = {json.loads(r.body)["track_id"] for r in receiver.accepted()}
@@ -387,7 +380,7 @@ def test_pending_delivery_survives_a_restart(db_url, open_db, dispatchers):
     job = finish_job(sessions, key.id, receiver.url)
     first = dispatchers(sessions)
     first.start()
-    wait_for(lambda: delivery_for(sessions, job.id).attempts >= 2, 10, "failed attempts")
+    wait_until(lambda: delivery_for(sessions, job.id).attempts >= 2, 10, "failed attempts")
     first.stop()
     first.close()
     row = delivery_for(sessions, job.id)
@@ -398,7 +391,7 @@ def test_pending_delivery_survives_a_restart(db_url, open_db, dispatchers):
     with receiver_running(receiver):
         second = dispatchers(reopened)
         second.start()
-        wait_for(lambda: delivery_for(reopened, job.id).status == "delivered", 10, "delivery after restart")
+        wait_until(lambda: delivery_for(reopened, job.id).status == "delivered", 10, "delivery after restart")
         second.stop()
     assert [json.loads(r.body)["id"] for r in receiver.requests] == [job.id]
     assert delivery_for(reopened, job.id).attempts >= 3
@@ -479,7 +472,7 @@ def test_two_dispatchers_on_one_database_deliver_each_webhook_exactly_once(db_ur
     more = [finish_job(first_db, key.id, receiver.url, store=store, track_id=f"u{i}") for i in range(20)]
     for dispatcher in both:  # and the background loops, polling as fast as they can
         dispatcher.start()
-    wait_for(lambda: all(r.status == "delivered" for r in deliveries(first_db)), 15, "every delivery")
+    wait_until(lambda: all(r.status == "delivered" for r in deliveries(first_db)), 15, "every delivery")
     for dispatcher in both:
         dispatcher.stop()
 
@@ -502,7 +495,7 @@ def test_dispatcher_loop_survives_errors_and_stops_promptly(sessions, receiver, 
 
     monkeypatch.setattr(dispatcher, "_pass", flaky_pass)
     dispatcher.start()
-    wait_for(lambda: delivery_for(sessions, job.id).status == "delivered", 10, "delivery")
+    wait_until(lambda: delivery_for(sessions, job.id).status == "delivered", 10, "delivery")
     assert dispatcher.running and "database went away" in caplog.text
     dispatcher.poll_seconds = 30  # stop() must not wait for the next poll
     time.sleep(0.1)

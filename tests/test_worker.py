@@ -3,12 +3,12 @@ released, and the next job runs."""
 
 from __future__ import annotations
 
-import time
 
 import torch
 
 from fluxserve.engine.generate import Generator
 from tests.support.servers import live_server
+from tests.support.waiting import wait_for_job
 
 KLEIN = "/api/v1/enterprise/flux_klein/text2img"
 
@@ -56,11 +56,6 @@ def test_a_store_that_cannot_record_a_finish_leaves_the_job_to_the_lease(tmp_pat
                      sync_wait_seconds=0) as live, live.client() as client:
         body = {"key": live.key, "prompt": "x", "width": 256, "height": 256, "num_inference_steps": 1}
         job_id = client.post(KLEIN, json=body).json()["id"]
-        deadline, answer = time.monotonic() + 60, {}
-        while time.monotonic() < deadline:
-            answer = client.post(f"/api/v6/images/fetch/{job_id}", json={"key": live.key}).json()
-            if answer["status"] != "processing":
-                break
-            time.sleep(0.1)
+        answer = wait_for_job(client, live.key, job_id).json()
         assert broken == [job_id] and answer["status"] == "success"
         assert client.get("/health").json()["worker"]["alive"]

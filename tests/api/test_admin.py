@@ -7,6 +7,7 @@ import time
 import pytest
 
 from tests.support.servers import live_server
+from tests.support.waiting import KLEIN_FETCH, wait_for_job
 
 ACTIONS = ("system_details", "clear_cache", "clear_queue", "restart_server", "update_server", "update")
 KLEIN = "/api/v1/enterprise/flux_klein/text2img"
@@ -32,21 +33,11 @@ def test_admin_endpoints_refuse_user_keys_and_bad_keys(admin_server, action):
         assert bad.status_code == 401
 
 
-def _wait(client, key, job_id, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        answer = client.post(f"/api/v1/enterprise/flux_klein/fetch/{job_id}", json={"key": key})
-        if answer.json()["status"] != "processing":
-            return answer
-        time.sleep(0.05)
-    raise AssertionError("job did not finish")
-
-
 def test_system_details_clear_cache_and_restart(admin_server):
     with admin_server.client() as client:
         body = {"key": admin_server.key, "prompt": "x", "width": 256, "height": 256, "num_inference_steps": 1}
         job = client.post(KLEIN, json=body).json()
-        assert _wait(client, admin_server.key, job["id"]).json()["status"] == "success"
+        assert wait_for_job(client, admin_server.key, job["id"], fetch=KLEIN_FETCH).json()["status"] == "success"
         details = client.post("/api/v1/enterprise/flux_klein/system_details", json={"key": admin_server.admin_key}).json()
         assert details["status"] == "ok" and details["model_count"] >= 1
         assert any("flux2-klein" in name for name in details["models_loaded"])
@@ -64,7 +55,7 @@ def test_system_details_clear_cache_and_restart(admin_server):
         restarted = client.post("/api/v1/enterprise/flux/restart_server", json={"key": admin_server.admin_key}).json()
         assert restarted["status"] == "success"
         again = client.post(KLEIN, json=body).json()  # models load again on use
-        assert _wait(client, admin_server.key, again["id"]).json()["status"] == "success"
+        assert wait_for_job(client, admin_server.key, again["id"], fetch=KLEIN_FETCH).json()["status"] == "success"
 
 
 def test_clear_queue_cancels_queued_jobs_and_notifies_webhooks(admin_server):
@@ -81,7 +72,7 @@ def test_clear_queue_cancels_queued_jobs_and_notifies_webhooks(admin_server):
             answer = client.post(f"/api/v1/enterprise/flux_klein/fetch/{job['id']}", json={"key": admin_server.key})
             assert answer.status_code == 410 and answer.json()["message"].startswith("Request was cancelled")
             assert admin_server.jobs.webhook_status(job["id"]) in ("pending", "failed")  # a failure webhook was queued
-        assert _wait(client, admin_server.key, running["id"], timeout=120).json()["status"] == "success"
+        assert wait_for_job(client, admin_server.key, running["id"], timeout=120, fetch=KLEIN_FETCH).json()["status"] == "success"
 
 
 def test_update_server_reloads_configuration(admin_server):
@@ -97,7 +88,7 @@ def test_update_server_reloads_configuration(admin_server):
         assert first["meta"]["num_inference_steps"] == 3  # new default from the reloaded registry
         refused = client.post(KLEIN, json=body)
         assert refused.status_code == 429  # new per-key limit of 1
-        _wait(client, admin_server.key, first["id"])
+        wait_for_job(client, admin_server.key, first["id"], fetch=KLEIN_FETCH)
         admin_server.env_file.write_text("FLUXSERVE_MAX_QUEUED_PER_KEY=10\n")
         client.post("/api/v1/enterprise/realtime/update", json={"key": admin_server.admin_key})
 

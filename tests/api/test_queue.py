@@ -8,6 +8,7 @@ import time
 import pytest
 
 from tests.support.servers import live_server
+from tests.support.waiting import wait_for_job
 
 KLEIN = "/api/v1/enterprise/flux_klein/text2img"
 
@@ -21,16 +22,6 @@ def queue_server(tmp_path_factory, tiny_root):
 def slow_body(key, **extra):
     return {"key": key, "prompt": "slow", "width": 1024, "height": 1024, "num_inference_steps": 12,
             "safety_checker": False, **extra}
-
-
-def wait_done(client, key, job_id, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        answer = client.post(f"/api/v6/images/fetch/{job_id}", json={"key": key})
-        if answer.json()["status"] != "processing":
-            return answer
-        time.sleep(0.05)
-    raise AssertionError("not done")
 
 
 def test_queue_limit_per_key_cancel_and_fifo(queue_server):
@@ -62,8 +53,8 @@ def test_queue_limit_per_key_cancel_and_fifo(queue_server):
         assert client.post(KLEIN, json=slow_body(key, width=256, height=256, num_inference_steps=1)).json()["status"] == "processing"
         fetched = client.post(f"/api/v6/images/fetch/{first['id']}", json={"key": key})
         assert fetched.status_code == 410 and fetched.json()["status"] == "error"
-        assert wait_done(client, key, second["id"]).json()["status"] == "success"
-        assert wait_done(client, key, running["id"]).json()["status"] == "success"
+        assert wait_for_job(client, key, second["id"], timeout=120).json()["status"] == "success"
+        assert wait_for_job(client, key, running["id"], timeout=120).json()["status"] == "success"
 
 
 def test_progress_stream_reports_queue_position_steps_and_done(queue_server):
@@ -89,7 +80,7 @@ def test_progress_stream_reports_queue_position_steps_and_done(queue_server):
         assert steps, kinds
         assert all(data["total"] == 16 for data in steps)  # 8 steps x 2 images
         assert [data["step"] for data in steps] == sorted(data["step"] for data in steps)
-        wait_done(client, key, ahead["id"])
+        wait_for_job(client, key, ahead["id"], timeout=120)
 
 
 def test_progress_stream_is_scoped_to_the_key(queue_server):

@@ -11,6 +11,7 @@ from PIL import Image
 
 from tests.support.s3 import DUMMY_ACCESS_KEY, DUMMY_SECRET_KEY, create_bucket, running_s3, s3_client
 from tests.support.servers import live_server
+from tests.support.waiting import KLEIN_FETCH, wait_for_job
 
 KLEIN = "/api/v1/enterprise/flux_klein/text2img"
 PUBLIC = "https://cdn.example.test/generations"
@@ -39,16 +40,6 @@ def small(key, **extra):
     return {"key": key, "prompt": "a cat", "width": 256, "height": 256, "num_inference_steps": 1, **extra}
 
 
-def wait_for(client, key, job_id, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        answer = client.post(f"/api/v1/enterprise/flux_klein/fetch/{job_id}", json={"key": key})
-        if answer.json()["status"] != "processing":
-            return answer
-        time.sleep(0.05)
-    raise AssertionError("not finished")
-
-
 def test_images_go_to_the_keys_bucket_and_do_not_expire(s3_server, s3_endpoint):
     bucket = create_bucket(s3_endpoint, "team-images")
     with s3_server.client() as client:
@@ -57,7 +48,7 @@ def test_images_go_to_the_keys_bucket_and_do_not_expire(s3_server, s3_endpoint):
         assert updated.json()["status"] == "success" and DUMMY_SECRET_KEY not in updated.text
         queued = client.post(KLEIN, json=small(s3_server.key, samples=2, instant_response=True)).json()
         assert all(link.startswith(PUBLIC + "/") for link in queued["future_links"])
-        done = wait_for(client, s3_server.key, queued["id"]).json()
+        done = wait_for_job(client, s3_server.key, queued["id"], fetch=KLEIN_FETCH).json()
         assert done["status"] == "success" and done["output"] == queued["future_links"]
         objects = s3_client(s3_endpoint).list_objects_v2(Bucket=bucket, Prefix="generations/")["Contents"]
         names = {obj["Key"].removeprefix("generations/") for obj in objects}

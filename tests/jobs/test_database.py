@@ -118,21 +118,6 @@ def old_database(db_url):
     return ids
 
 
-@pytest.fixture
-def opened(db_url):
-    """open_database(db_url) as many times as asked; engines disposed afterwards."""
-    made = []
-
-    def _open():
-        sessions = open_database(db_url)
-        made.append(sessions)
-        return sessions
-
-    yield _open
-    for sessions in made:
-        sessions.kw["bind"].dispose()
-
-
 def columns(engine, table: str) -> set[str]:
     return {column["name"] for column in inspect(engine).get_columns(table)}
 
@@ -142,7 +127,7 @@ def indexes(engine, table: str) -> set[str]:
 
 
 # -- tests ----------------------------------------------------------------------------------------
-def test_open_database_upgrades_an_old_schema_and_keeps_its_rows(old_database, opened, db_url):
+def test_open_database_upgrades_an_old_schema_and_keeps_its_rows(old_database, open_db, db_url):
     engine = raw_engine(db_url)
     try:
         assert columns(engine, "jobs").isdisjoint(NEW_JOB_COLUMNS)
@@ -151,7 +136,7 @@ def test_open_database_upgrades_an_old_schema_and_keeps_its_rows(old_database, o
     finally:
         engine.dispose()
 
-    sessions = opened()
+    sessions = open_db()
     engine = sessions.kw["bind"]
     assert NEW_JOB_COLUMNS <= columns(engine, "jobs")
     assert "webhook_secret" in columns(engine, "api_keys")
@@ -201,14 +186,14 @@ def test_open_database_upgrades_an_old_schema_and_keeps_its_rows(old_database, o
     assert store.webhook_status(new.id) == "pending"
 
 
-def test_opening_an_upgraded_database_again_is_a_no_op(old_database, opened):
-    first = opened()
+def test_opening_an_upgraded_database_again_is_a_no_op(old_database, open_db):
+    first = open_db()
     store = JobStore(first)
     before = {job_id: store.get(job_id) for job_id in (old_database["queued"], old_database["done"])}
     schema = {table: columns(first.kw["bind"], table) for table in inspect(first.kw["bind"]).get_table_names()}
     first.kw["bind"].dispose()
 
-    second = opened()
+    second = open_db()
     engine = second.kw["bind"]
     assert upgrade_schema(engine) == []  # nothing left to add
     assert {table: columns(engine, table) for table in inspect(engine).get_table_names()} == schema
@@ -230,21 +215,21 @@ def test_upgrade_schema_reports_what_it_added(old_database, db_url):
         engine.dispose()
 
 
-def test_a_fresh_database_needs_no_upgrade(opened):
-    sessions = opened()
+def test_a_fresh_database_needs_no_upgrade(open_db):
+    sessions = open_db()
     assert upgrade_schema(sessions.kw["bind"]) == []
 
 
-def test_a_job_running_when_the_old_release_stopped_is_recovered(old_database, opened):
-    store = JobStore(opened())
+def test_a_job_running_when_the_old_release_stopped_is_recovered(old_database, open_db):
+    store = JobStore(open_db())
     running = store.get(old_database["running"])
     assert running.status == JobStatus.RUNNING.value and running.heartbeat_at is None
     assert store.recover_stale(lease_seconds=60, max_attempts=3) == ([running.id], [])
     assert store.get(running.id).status == JobStatus.QUEUED.value
 
 
-def test_an_upgraded_database_has_the_indexes_of_a_fresh_one(old_database, opened, tmp_path):
-    upgraded = opened().kw["bind"]
+def test_an_upgraded_database_has_the_indexes_of_a_fresh_one(old_database, open_db, tmp_path):
+    upgraded = open_db().kw["bind"]
     fresh = open_database(f"sqlite:///{tmp_path / 'fresh.db'}").kw["bind"]
     try:
         assert {"ix_jobs_heartbeat_at", "ix_jobs_expires_at"} <= indexes(fresh, "jobs")

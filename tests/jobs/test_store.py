@@ -11,7 +11,6 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import delete, select, update
 
-from fluxserve.jobs.database import open_database
 from fluxserve.jobs.status import JobStatus
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.tables import ApiKey, Job, WebhookDelivery, utcnow
@@ -28,21 +27,6 @@ def db_url(request, tmp_path):
         return f"sqlite:///{tmp_path / 'jobs.db'}"
     server = request.getfixturevalue("postgres_server")
     return create_database(server, f"store_{next(_db_names)}")
-
-
-@pytest.fixture
-def open_db(db_url):
-    """open_database(db_url), callable several times (a 'restart'); engines are disposed after."""
-    opened = []
-
-    def _open():
-        sessions = open_database(db_url)
-        opened.append(sessions)
-        return sessions
-
-    yield _open
-    for sessions in opened:
-        sessions.kw["bind"].dispose()
 
 
 @pytest.fixture
