@@ -162,9 +162,9 @@ def _building(device: str | torch.device, dtype: torch.dtype, seed: int) -> Iter
 
 
 def _scheduler() -> Any:
-    from fluxserve.engine.tiny import _flow_match_scheduler
+    from fluxserve.engine.tiny import flow_match_scheduler
 
-    return _flow_match_scheduler()
+    return flow_match_scheduler()
 
 
 def _check_vocab(config: Any, tokenizer: Any) -> None:

@@ -192,11 +192,11 @@ class Bench:
 
     # -- bare ---------------------------------------------------------------------------------------
     def _bare_call(self, prompt: str, seed: int):
-        from fluxserve.engine.generate import _crop_to, _generator
+        from fluxserve.engine.generate import crop_to, seeded_generator
 
         call = self.workload.call(self.spec, prompt, self.args.size, self.args.steps, self.reference)
-        image = self.pipeline(**call, generator=_generator(seed)).images[0]
-        return _crop_to(image.convert("RGB"), self.args.size, self.args.size)
+        image = self.pipeline(**call, generator=seeded_generator(seed)).images[0]
+        return crop_to(image.convert("RGB"), self.args.size, self.args.size)
 
     def bare(self, tag: str) -> dict[str, Any]:
         """N sequential bare calls, in a long-lived thread of their own like the service's worker

@@ -21,27 +21,31 @@ from typing import Any
 
 import torch
 
-from fluxserve.models import KLEIN, KONTEXT, ModelSpec, Registry
+from fluxserve.models import ModelSpec, Registry
+from fluxserve.params import JobParams
+
+KLEIN, KONTEXT = "flux-klein", "flux-kontext-dev"
 
 
-def _klein_call(spec: ModelSpec, prompt: str, size: int, steps: int, reference: Any) -> dict[str, Any]:
-    """``generate.Generator._call_for``, klein text2img: everything but the generator."""
-    from fluxserve.engine.generate import _latent_size
+def _service_call(task: str, strength: float | None):
+    """The pipeline call the service makes for one request (everything but the generator), from
+    the model's own family (``Family.call``): the bare side runs exactly what the worker runs.
+    Kontext with ``strength`` 1 is the plain ``FluxKontextPipeline`` with one reference (fit to
+    1024²), ``max_area`` = the requested area and ``_auto_resize=False``."""
 
-    side = _latent_size(size)
-    return dict(prompt=prompt, height=side, width=side, num_inference_steps=steps, guidance_scale=spec.guidance,
-                output_type="pil")
+    def call(spec: ModelSpec, prompt: str, size: int, steps: int, reference: Any) -> dict[str, Any]:
+        from fluxserve.engine.families.base import Inputs
 
+        params = JobParams(model=spec.name, task=task, prompt=prompt, negative_prompt=None, width=size, height=size,
+                           seeds=[0], steps=steps, guidance=spec.guidance, strength=strength,
+                           true_cfg_scale=spec.true_cfg_scale, inputs=[], input_2=None, safety_checker=False,
+                           base64=False)
+        width, height = spec.family.generation_size(size, size)
+        made = spec.family.call(params, Inputs(references=[reference] if reference is not None else []), width, height)
+        assert made.variant == spec.pipeline, f"the benchmark runs {spec.pipeline}, not {made.variant}"
+        return dict(made.kwargs, output_type="pil")
 
-def _kontext_call(spec: ModelSpec, prompt: str, size: int, steps: int, reference: Any) -> dict[str, Any]:
-    """``generate.Generator._call_for``, ``FluxKontextPipeline`` with one reference and no partial
-    denoise: the FLUX.1 arguments (negative prompt none, the registry's true_cfg_scale) plus
-    ``max_area`` = the requested area and ``_auto_resize=False``."""
-    from fluxserve.engine.generate import MAX_REFERENCE_AREA, _fit_area
-
-    call = _klein_call(spec, prompt, size, steps, reference)
-    return dict(call, image=_fit_area(reference, MAX_REFERENCE_AREA), negative_prompt=None,
-                true_cfg_scale=spec.true_cfg_scale, max_area=call["height"] * call["width"], _auto_resize=False)
+    return call
 
 
 def _kontext_body(reference_uri: str | None) -> dict[str, Any]:
@@ -79,7 +83,7 @@ class Workload:
         """The tiny offline build the service uses with ``models="tiny"`` (built under ``root`` once)."""
         from fluxserve.engine.tiny import build_tiny_models
 
-        return build_tiny_models(root)[self.spec.tiny_dir]
+        return build_tiny_models(root)[self.spec.family.name]
 
     def reference(self, size: int, seed: int) -> Any:
         """The init image every request of a run edits (None: the model takes none)."""
@@ -91,14 +95,14 @@ WORKLOADS = {
         name="klein", title="FLUX.2 klein text2img", model_id=KLEIN, endpoint="/api/v1/enterprise/flux_klein/text2img",
         true_size="FLUX.2 klein-4B pipeline (3.88 B transformer + 4.02 B Qwen3 encoder + VAE: ~16 GB of bf16 "
                   "weights, built on the GPU) and needs a CUDA GPU with >= 24 GB",
-        call=_klein_call, body=lambda _uri: {}, stages=("text_encoding", "steps", "vae_decode", "to_pil"),
+        call=_service_call("text2img", None), body=lambda _uri: {}, stages=("text_encoding", "steps", "vae_decode", "to_pil"),
     ),
     "kontext": Workload(
         name="kontext", title="Flux Kontext img2img (one reference)", model_id=KONTEXT,
         endpoint="/api/v6/images/img2img",
         true_size="Flux Kontext dev pipeline (11.9 B transformer + 4.76 B T5-XXL + CLIP-L + VAE: ~34 GB of bf16 "
                   "weights, built on the GPU) and needs a CUDA GPU with >= 48 GB",
-        call=_kontext_call, body=_kontext_body,
+        call=_service_call("img2img", 1.0), body=_kontext_body,
         stages=("text_encoding", "reference_encode", "steps", "vae_decode", "to_pil"), uses_reference=True,
     ),
 }

@@ -42,11 +42,21 @@ def make_test_image(width: int = 256, height: int = 256, seed: int = 0) -> Image
     return Image.blend(base, noise, 0.3)
 
 
+def make_mask(side: int) -> Image.Image:
+    """Black (keep) with a white (repaint) square over the middle half."""
+    mask = Image.new("L", (side, side), 0)
+    mask.paste(255, (side // 4, side // 4, 3 * side // 4, 3 * side // 4))
+    return mask
+
+
 @pytest.fixture(scope="session")
 def image_host(tmp_path_factory):
-    """Base URL of a loopback HTTP server with init images: a.png, b.jpg, c.webp, wide.png, odd.png."""
+    """Base URL of a loopback HTTP server with init images: a.png, b.jpg, c.webp, wide.png, and
+    masks: mask.png (256², white square in the middle), mask-small.png (the same at 64²)."""
     folder = tmp_path_factory.mktemp("images")
     make_test_image().save(folder / "a.png")
+    make_mask(256).save(folder / "mask.png")
+    make_mask(64).save(folder / "mask-small.png")
     make_test_image(seed=3).save(folder / "b.jpg", quality=90)
     make_test_image(seed=5).save(folder / "c.webp")
     make_test_image(384, 256, seed=7).save(folder / "wide.png")

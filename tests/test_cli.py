@@ -19,14 +19,16 @@ from typer.testing import CliRunner
 from fluxserve.cli import app
 from tests.support.servers import free_port
 
-MODEL_NAMES = ["flux", "flux-klein", "flux-kontext-dev", "realtime"]
+MODEL_NAMES = ["flux", "flux-fill", "flux-klein", "flux-kontext-dev", "realtime"]
 HUB_IDS = {
+    "flux-fill": "black-forest-labs/FLUX.1-Fill-dev",
     "flux-klein": "black-forest-labs/FLUX.2-klein-4B",
     "realtime": "black-forest-labs/FLUX.2-klein-4B",
     "flux": "black-forest-labs/FLUX.1-dev",
     "flux-kontext-dev": "black-forest-labs/FLUX.1-Kontext-dev",
 }
-TINY_DIRS = {"flux-klein": "flux2-klein", "realtime": "flux2-klein", "flux": "flux1-dev", "flux-kontext-dev": "flux-kontext"}
+TINY_DIRS = {"flux-klein": "flux2-klein", "realtime": "flux2-klein", "flux": "flux1-dev", "flux-kontext-dev": "flux-kontext",
+             "flux-fill": "flux1-fill"}
 
 
 @pytest.fixture(autouse=True)
@@ -130,7 +132,7 @@ def models_rows(result) -> dict[str, list[str]]:
     return {row[0]: row for row in rows}
 
 
-def test_models_list_shows_the_four_models_with_hub_ids(cli):
+def test_models_list_shows_every_model_with_its_hub_id(cli):
     rows = models_rows(cli("models", "list"))
     assert sorted(rows) == MODEL_NAMES
     for name, row in rows.items():

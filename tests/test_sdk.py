@@ -17,8 +17,8 @@ from PIL import Image
 from modelslab_py.core.apis.community import Community
 from modelslab_py.core.apis.realtime import Realtime
 from modelslab_py.core.client import Client
-from modelslab_py.schemas.community import Image2Image
-from modelslab_py.schemas.realtime import RealtimeImage2ImageSchema, RealtimeText2ImageSchema
+from modelslab_py.schemas.community import Image2Image, Inpainting, Text2Image
+from modelslab_py.schemas.realtime import RealtimeImage2ImageSchema, RealtimeInpaintingSchema, RealtimeText2ImageSchema
 
 SIZE = 256
 STEPS = 2
@@ -120,6 +120,54 @@ def test_community_kontext_image_to_image_and_fetch(server, image_host):
     fetched = api.fetch(str(result["id"]))
     assert fetched["status"] == "success", fetched
     assert fetched["output"] == result["output"]
+
+
+# -- Community: FLUX.1 text-to-image, image-to-image and inpainting by model_id ------------------------
+@pytest.mark.parametrize("enterprise", [False, True], ids=["v6", "enterprise"])
+def test_community_flux_text_to_image_and_fetch(server, enterprise):
+    """The SDK docs' own call: Community(...).text_to_image with model_id "flux"."""
+    api = Community(sdk_client(server), enterprise=enterprise)
+    assert api.base_url == f"{server.base_url}/api/" + ("v1/enterprise/images/" if enterprise else "v6/images/")
+    result = api.text_to_image(Text2Image(model_id="flux", prompt=PROMPT, width=SIZE, height=SIZE, samples=2,
+                                          num_inference_steps=STEPS, seed=31, safety_checker="no"))
+    assert result["status"] == "success", result
+    assert result["meta"]["model_id"] == "flux" and result["meta"]["seeds"] == [31, 32]
+    assert result["meta"]["safety_checker"] == "no"
+    assert_pngs(result["output"], count=2)
+    fetched = api.fetch(str(result["id"]))
+    assert fetched["status"] == "success" and fetched["output"] == result["output"]
+
+
+@pytest.mark.parametrize("enterprise", [False, True], ids=["v6", "enterprise"])
+def test_community_flux_inpainting(server, image_host, enterprise):
+    api = Community(sdk_client(server), enterprise=enterprise)
+    result = api.inpainting(Inpainting(model_id="flux", prompt=PROMPT, init_image=f"{image_host}/a.png",
+                                       mask_image=f"{image_host}/mask.png", width=SIZE, height=SIZE,
+                                       num_inference_steps=STEPS))
+    assert result["status"] == "success", result
+    assert result["meta"]["model_id"] == "flux" and result["meta"]["mask_image"] == f"{image_host}/mask.png"
+    assert_pngs(result["output"])
+
+
+def test_community_flux_image_to_image_on_v6(server, image_host):
+    """/api/v6/images/img2img with model_id "flux" is FLUX.1 image-to-image."""
+    result = Community(sdk_client(server)).image_to_image(Image2Image(
+        model_id="flux", prompt=PROMPT, init_image=f"{image_host}/a.png", width=SIZE, height=SIZE,
+        num_inference_steps=STEPS))
+    assert result["status"] == "success" and result["meta"]["model_id"] == "flux", result
+    assert_pngs(result["output"])
+
+
+@pytest.mark.parametrize("enterprise", [True, False], ids=["enterprise", "v6"])
+def test_realtime_inpainting_and_fetch(server, image_host, enterprise):
+    api = Realtime(sdk_client(server), enterprise=enterprise)
+    result = api.inpainting(RealtimeInpaintingSchema(
+        prompt=PROMPT, init_image=f"{image_host}/a.png", mask_image=f"{image_host}/mask.png", width=SIZE,
+        height=SIZE, num_inference_steps=STEPS, strength=0.9, seed=4))
+    assert result["status"] == "success", result
+    assert result["meta"]["model_id"] == "realtime" and result["meta"]["strength"] == 0.9
+    assert_pngs(result["output"])
+    assert api.fetch(str(result["id"]))["output"] == result["output"]
 
 
 # -- instant_response (an extra field the schemas let through) then fetch until success -----------

@@ -1,7 +1,9 @@
-"""The model registry: which diffusers pipeline, weights and defaults serve each model name.
+"""The model registry: each served model name -> its family (``engine/families``), weights and
+defaults. A new model of a known family is one entry here; a new family is its file plus one
+entry.
 
-Pure data (no torch import) so the HTTP layer can validate ``model_id`` and report defaults.
-The engine turns a :class:`ModelSpec` into a loaded pipeline.
+Pure data (no torch import): the HTTP layer resolves ``model_id`` and checks a request against
+the family's limits here; the engine turns a :class:`ModelSpec` into a loaded pipeline.
 """
 
 from __future__ import annotations
@@ -10,83 +12,107 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-KLEIN = "flux-klein"
-REALTIME = "realtime"
-FLUX1 = "flux"
-KONTEXT = "flux-kontext-dev"
+from fluxserve.engine.families import fill, flux1, klein, kontext
+from fluxserve.engine.families.base import Family, Task
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str  # reported as meta.model_id
-    pipeline: str  # diffusers class name
+    family: Family
     source: str  # hub id or local folder
-    tiny_dir: str  # folder name of the offline tiny build (engine/tiny.py)
     steps: int
     guidance: float
-    strength: float  # default strength for image-to-image requests
-    true_cfg_scale: float = 1.0  # > 1 applies negative_prompt (FLUX.1 family only; costs 2x)
-    negative_prompt_supported: bool = False
+    strength: float  # default strength for image-to-image and inpainting
+    true_cfg_scale: float = 1.0  # > 1 applies negative_prompt where the family can (costs 2x)
+    aliases: tuple[str, ...] = ()  # other model ids clients send for this model (ModelsLab's names)
+    max_init_images: int | None = None  # fewer than the family allows (None: the family's limit)
 
     @property
-    def family(self) -> str:
-        """Pipelines that share weights and code paths: "flux2" or "flux1"."""
-        return "flux2" if self.pipeline.startswith("Flux2") else "flux1"
+    def pipeline(self) -> str:
+        """The diffusers class loaded from ``source``."""
+        return self.family.pipeline
+
+    @property
+    def negative_prompt_supported(self) -> bool:
+        return self.family.limits.negative_prompt
+
+    @property
+    def init_image_limit(self) -> int:
+        return self.max_init_images or self.family.limits.max_init_images
+
+    def supports(self, task: Task | str) -> bool:
+        return Task(task) in self.family.tasks
 
 
+_KLEIN_4B = "black-forest-labs/FLUX.2-klein-4B"
 DEFAULT_REGISTRY: dict[str, ModelSpec] = {
-    KLEIN: ModelSpec(
-        KLEIN, "Flux2KleinPipeline", "black-forest-labs/FLUX.2-klein-4B", "flux2-klein",
-        steps=4, guidance=1.0, strength=1.0,
-    ),
-    # The realtime server is the same fast model; img2img there keeps more of the init image.
-    REALTIME: ModelSpec(
-        REALTIME, "Flux2KleinPipeline", "black-forest-labs/FLUX.2-klein-4B", "flux2-klein",
-        steps=4, guidance=1.0, strength=0.7,
-    ),
-    FLUX1: ModelSpec(
-        FLUX1, "FluxImg2ImgPipeline", "black-forest-labs/FLUX.1-dev", "flux1-dev",
-        steps=10, guidance=3.5, strength=0.7, negative_prompt_supported=True,
-    ),
-    KONTEXT: ModelSpec(
-        KONTEXT, "FluxKontextPipeline", "black-forest-labs/FLUX.1-Kontext-dev", "flux-kontext",
-        steps=28, guidance=2.5, strength=0.5, negative_prompt_supported=True,
-    ),
+    spec.name: spec
+    for spec in (
+        ModelSpec("flux-klein", klein.FAMILY, _KLEIN_4B, steps=4, guidance=1.0, strength=1.0,
+                  aliases=("flux-2-klein", "flux-2-klein-4b", "flux2-klein", "flux-klein-4b")),
+        # The realtime server is the same fast model; img2img there takes one init image (its docs)
+        # and keeps more of it.
+        ModelSpec("realtime", klein.FAMILY, _KLEIN_4B, steps=4, guidance=1.0, strength=0.7, max_init_images=1),
+        ModelSpec("flux", flux1.FAMILY, "black-forest-labs/FLUX.1-dev", steps=10, guidance=3.5, strength=0.7,
+                  aliases=("flux-dev", "flux-1-dev", "flux.1-dev")),
+        ModelSpec("flux-fill", fill.FAMILY, "black-forest-labs/FLUX.1-Fill-dev", steps=28, guidance=30.0, strength=1.0,
+                  aliases=("flux-fill-dev", "flux-1-fill-dev")),
+        ModelSpec("flux-kontext-dev", kontext.FAMILY, "black-forest-labs/FLUX.1-Kontext-dev", steps=28, guidance=2.5,
+                  strength=0.5, aliases=("flux-kontext",)),
+    )
 }
 
-_OVERRIDABLE = {"pipeline", "source", "steps", "guidance", "strength", "true_cfg_scale"}
+_OVERRIDABLE = {"source", "steps", "guidance", "strength", "true_cfg_scale"}
 
 
 class UnknownModel(KeyError):
     pass
 
 
+class UnsuitableRequest(ValueError):
+    """A request the chosen model can't serve; ``status`` is the HTTP status to answer with and
+    the message is for the client."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+TASK_WORDS = {Task.TEXT2IMG: "text-to-image", Task.IMG2IMG: "image-to-image", Task.INPAINT: "inpainting"}
+
+
 class Registry:
     def __init__(self, specs: dict[str, ModelSpec]):
         self._specs = dict(specs)
+        self._ids = {alias.lower(): spec.name for spec in self._specs.values() for alias in (spec.name, *spec.aliases)}
 
     @classmethod
     def build(
         cls, overrides: dict[str, dict[str, Any]] | None = None, tiny_root: Path | None = None
     ) -> "Registry":
         """Default registry, with per-model overrides applied; with ``tiny_root`` every
-        source points at the offline tiny build instead of the hub."""
+        source points at its family's offline tiny build instead of the hub."""
         specs = dict(DEFAULT_REGISTRY)
         if tiny_root is not None:  # before overrides: an explicit source still wins in tiny mode
-            specs = {n: replace(s, source=str(tiny_root / s.tiny_dir)) for n, s in specs.items()}
+            specs = {n: replace(s, source=str(tiny_root / s.family.name)) for n, s in specs.items()}
         for name, fields in (overrides or {}).items():
+            if not isinstance(fields, dict):
+                raise ValueError(f"model_overrides[{name!r}] must be an object of fields")
             unknown = set(fields) - _OVERRIDABLE
             if unknown:
-                raise ValueError(f"model_overrides[{name!r}]: unknown fields {sorted(unknown)}")
+                raise ValueError(f"model_overrides[{name!r}]: unknown fields {sorted(unknown)}; "
+                                 f"overridable: {sorted(_OVERRIDABLE)}")
             base = specs.get(name)
             if base is None:
-                raise ValueError(f"model_overrides names unknown model {name!r}")
+                raise ValueError(f"model_overrides names unknown model {name!r}; known: {sorted(specs)}")
             specs[name] = replace(base, **fields)
         return cls(specs)
 
     def get(self, name: str) -> ModelSpec:
+        """The model called ``name`` or one of its aliases (any case)."""
         try:
-            return self._specs[name]
+            return self._specs[self._ids[name.strip().lower()]]
         except KeyError:
             raise UnknownModel(name) from None
 
@@ -95,3 +121,41 @@ class Registry:
 
     def specs(self) -> list[ModelSpec]:
         return [self._specs[n] for n in self.names()]
+
+    def for_task(self, task: Task | str) -> list[str]:
+        """Names of the models that can do ``task``."""
+        return [spec.name for spec in self.specs() if spec.supports(task)]
+
+    def resolve(self, model_id: str, task: Task | str) -> ModelSpec:
+        """The model a client's ``model_id`` names, if it can do ``task``; otherwise 404
+        ``Model not found: <model_id>`` (saying which models can, when the model exists)."""
+        task = Task(task)
+        try:
+            spec = self.get(model_id)
+        except UnknownModel:
+            raise UnsuitableRequest(f"Model not found: {model_id}", 404) from None
+        if not spec.supports(task):
+            raise UnsuitableRequest(
+                f"Model not found: {model_id} ({TASK_WORDS[task]} models here: {', '.join(self.for_task(task))})", 404)
+        return spec
+
+    def check_inputs(self, spec: ModelSpec, task: Task | str, *, init_images: int, second_image: bool,
+                     mask: bool) -> None:
+        """Refuse (400) inputs the model's family can't take, before anything is queued."""
+        task, limits = Task(task), spec.family.limits
+        if not spec.supports(task):
+            raise UnsuitableRequest(f"Model not found: {spec.name} ({TASK_WORDS[task]} models here: "
+                                    f"{', '.join(self.for_task(task))})", 404)
+        if task is not Task.TEXT2IMG and init_images < 1:
+            raise UnsuitableRequest("init_image is required")
+        if init_images > spec.init_image_limit:
+            raise UnsuitableRequest(f"init_image accepts at most {spec.init_image_limit} image URL(s) for {spec.name}")
+        if second_image and not limits.second_image:
+            takers = [s.name for s in self.specs() if s.family.limits.second_image]
+            raise UnsuitableRequest(f"init_image_2 is only supported by {', '.join(takers) or 'no model served here'}")
+        if task is Task.INPAINT and not mask:
+            raise UnsuitableRequest("mask_image is required")
+
+    def prompt_writer(self) -> ModelSpec | None:
+        """A model whose text encoder can rewrite prompts (``enhance_prompt``), if one is served."""
+        return next((spec for spec in self.specs() if spec.family.writes_prompts), None)

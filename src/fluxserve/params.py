@@ -15,7 +15,7 @@ class GenerationRequest:
 
     server: str  # API family that took it (names the fetch URL): flux_klein, realtime, flux, v6, ...
     model: str  # registry name
-    task: str  # text2img | img2img
+    task: str  # text2img | img2img | inpaint (engine.families.base.Task)
     prompt: str
     negative_prompt: str | None = None
     width: int = 512
@@ -28,6 +28,7 @@ class GenerationRequest:
     true_cfg_scale: float | None = None
     init_images: list[str] = field(default_factory=list)  # URLs as sent; all used as references
     init_image_2: str | None = None  # Kontext's second reference
+    mask_image: str | None = None  # inpainting: white repaints, black keeps
     safety_checker: bool = True
     base64: bool = False
     instant_response: bool = False
@@ -61,6 +62,7 @@ class JobParams:
     # None = local disk (expires); {"config_id": N | None, "public_url": ...} = S3 (None: server default)
     remote: dict[str, Any] | None = None
     enhance_prompt: bool = False
+    mask: str | None = None  # stored mask file (inpainting), the size of inputs[0]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -22,8 +22,8 @@ def build_registry(settings: Settings, *, build_tiny: bool = True) -> Registry:
 
 
 def build_storage(settings: Settings, sessions):
-    """Per-key S3 details (secrets encrypted with the server secret), the server-wide default
-    bucket, and the uploader."""
+    """Which storage each job's images go to: per-key S3 details (secrets encrypted with the
+    server secret), the server-wide default bucket, local disk."""
     from fluxserve.secretbox import SecretBox, load_or_create_server_secret
     from fluxserve.storage.configs import StorageConfigs
     from fluxserve.storage.s3 import S3Details, S3Uploader
@@ -33,7 +33,7 @@ def build_storage(settings: Settings, sessions):
     if settings.s3_default:
         fields = {"image_directory": "", **settings.s3_default}
         default = S3Details.from_modelslab(**fields)
-    return StorageConfigs(sessions, secrets, default), S3Uploader(attempts=settings.s3_upload_attempts)
+    return StorageConfigs(sessions, secrets, default, S3Uploader(attempts=settings.s3_upload_attempts))
 
 
 def build_enhancer(settings: Settings):
@@ -52,33 +52,29 @@ def build_enhancer(settings: Settings):
 def build_worker(settings: Settings, *, sink=None, commands=None):
     """A worker for these settings (thread or child process: see ``supervisor``)."""
     from fluxserve.engine.loading import PipelineCache, pick_device
+    from fluxserve.engine.optimize import Optimizations, compute_dtype
+    from fluxserve.engine.residency import Residency, parse_bytes
+    from fluxserve.engine.runner import Engine
     from fluxserve.jobs.database import open_database
     from fluxserve.jobs.store import JobStore
     from fluxserve.safety import SafetyChecker
     from fluxserve.storage.local import LocalStorage
-    from fluxserve.worker import Worker
-
-    from fluxserve.engine.optimize import Optimizations, compute_dtype
-    from fluxserve.engine.residency import Residency, parse_bytes
+    from fluxserve.worker import Worker, WorkerConfig
 
     device = pick_device(settings.device)
     optimizations = Optimizations.from_strings(settings.optimizations or "")
     residency = Residency(device=device, budget_bytes=parse_bytes(settings.gpu_memory_budget), offload=settings.offload)
+    pipelines = PipelineCache(device, compute_dtype(device, optimizations), residency, optimizations,
+                              tuple(settings.compile_warm_sizes), settings.max_batch_size)
     sessions = open_database(settings.resolved_database_url)
-    storage_configs, uploader = build_storage(settings, sessions)
     return Worker(
         registry=build_registry(settings, build_tiny=False),
         jobs=JobStore(sessions, webhook_retry_seconds=settings.webhook_retry_seconds),
-        storage_configs=storage_configs, uploader=uploader, enhancer=build_enhancer(settings),
-        max_batch_size=settings.max_batch_size, batch_wait_seconds=settings.batch_wait_seconds,
-        pipelines=PipelineCache(device, compute_dtype(device, optimizations), residency, optimizations,
-                                tuple(settings.compile_warm_sizes), settings.max_batch_size),
-        safety=SafetyChecker(settings.nsfw_threshold),
+        engine=Engine(pipelines), safety=SafetyChecker(settings.nsfw_threshold),
         outputs=LocalStorage(settings.outputs_dir, settings.base_url),
         inputs=LocalStorage(settings.inputs_dir, settings.base_url),
-        max_attempts=settings.max_job_attempts, lease_seconds=settings.lease_seconds,
-        heartbeat_seconds=settings.heartbeat_seconds, retention_seconds=settings.retention_seconds,
-        sink=sink, commands=commands,
+        config=WorkerConfig.from_settings(settings), storage_configs=build_storage(settings, sessions),
+        enhancer=build_enhancer(settings), sink=sink, commands=commands,
     )
 
 
@@ -109,9 +105,8 @@ def build_server_app(settings: Settings, reload_settings=None) -> FastAPI:
             service.stop()
         host.stop()
 
-    storage_configs, uploader = build_storage(settings, sessions)
     return create_app(
-        settings, registry, events=events, metrics=metrics, host=host, storage=(storage_configs, uploader),
+        settings, registry, events=events, metrics=metrics, host=host, storage_configs=build_storage(settings, sessions),
         sessions=sessions,
         reload_settings=reload_settings or (lambda: settings), on_startup=start, on_shutdown=stop,
     )

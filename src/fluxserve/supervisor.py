@@ -17,12 +17,13 @@ from fluxserve.config import Settings
 from fluxserve.events import JobEvents
 from fluxserve.jobs.store import JobStore
 from fluxserve.metrics import Metrics
+from fluxserve.worker.messages import Command, JobFinished, JobStarted, Outcome, Report, StatusReport
 
 log = logging.getLogger(__name__)
 
 
 class WorkerLink:
-    """The server-side end of the worker's reports (implements ``worker.WorkerSink``)."""
+    """The server-side end of the worker's reports (a ``worker.messages.Sink``)."""
 
     def __init__(self, events: JobEvents, metrics: Metrics):
         self.events = events
@@ -30,21 +31,20 @@ class WorkerLink:
         self.running: dict[int, str] = {}  # job id -> claim token, of every job being run (a batch: several)
         self.last_status: dict[str, Any] = {}
 
-    def job_started(self, job_id: int, token: str) -> None:
-        self.running[job_id] = token
-        self.events.job_changed(job_id)
-
-    def job_finished(self, job_id: int, outcome: str, generation_time: float | None, queue_time: float) -> None:
-        self.running.pop(job_id, None)
-        self.metrics.jobs_finished.labels(outcome).inc()
-        if outcome == "succeeded" and generation_time is not None:
-            self.metrics.generation_seconds.observe(generation_time)
-            self.metrics.queue_seconds.observe(queue_time)
-        self.events.job_changed(job_id)
-
-    def status(self, status: dict[str, Any]) -> None:
-        self.last_status = status
-        self.metrics.set_gpu_memory(status.get("gpu_memory"))
+    def report(self, report: Report) -> None:
+        if isinstance(report, JobStarted):
+            self.running[report.job_id] = report.token
+            self.events.job_changed(report.job_id)
+        elif isinstance(report, JobFinished):
+            self.running.pop(report.job_id, None)
+            self.metrics.jobs_finished.labels(report.outcome.value).inc()
+            if report.outcome is Outcome.SUCCEEDED and report.generation_time is not None:
+                self.metrics.generation_seconds.observe(report.generation_time)
+                self.metrics.queue_seconds.observe(report.queue_time)
+            self.events.job_changed(report.job_id)
+        elif isinstance(report, StatusReport):
+            self.last_status = report.as_dict()
+            self.metrics.set_gpu_memory(report.gpu_memory)
 
 
 class _QueueSink:
@@ -53,14 +53,8 @@ class _QueueSink:
     def __init__(self, reports: Any):
         self.reports = reports
 
-    def job_started(self, job_id: int, token: str) -> None:
-        self.reports.put(("job_started", (job_id, token)))
-
-    def job_finished(self, job_id: int, outcome: str, generation_time: float | None, queue_time: float) -> None:
-        self.reports.put(("job_finished", (job_id, outcome, generation_time, queue_time)))
-
-    def status(self, status: dict[str, Any]) -> None:
-        self.reports.put(("status", (status,)))
+    def report(self, report: Report) -> None:
+        self.reports.put(report)
 
 
 class ThreadWorkerHost:
@@ -70,7 +64,7 @@ class ThreadWorkerHost:
 
     def __init__(self, settings: Settings, link: WorkerLink, jobs: JobStore):
         self.settings, self.link, self.jobs = settings, link, jobs
-        self.commands: queue.Queue[str] = queue.Queue()
+        self.commands: queue.Queue[Command] = queue.Queue()
         self.worker = None
 
     def start(self) -> None:
@@ -84,10 +78,10 @@ class ThreadWorkerHost:
             self.worker.stop()
 
     def wake(self) -> None:
-        self.commands.put("wake")
+        self.commands.put(Command.WAKE)
 
-    def command(self, name: str) -> None:
-        self.commands.put(name)
+    def command(self, command: Command) -> None:
+        self.commands.put(command)
 
     def restart(self, settings: Settings | None = None) -> None:
         """Models are dropped and load again on next use; queued jobs stay in the store."""
@@ -96,10 +90,10 @@ class ThreadWorkerHost:
             self.settings = settings
             self.start()
         else:
-            self.command("clear_cache")
+            self.command(Command.CLEAR_CACHE)
 
     def describe(self) -> dict[str, Any]:
-        alive = self.worker is not None and self.worker._thread is not None and self.worker._thread.is_alive()
+        alive = self.worker is not None and self.worker.alive
         return {"mode": self.mode, "alive": alive, "pid": os.getpid(), "restarts": 0}
 
 
@@ -167,7 +161,7 @@ class ProcessWorkerHost:
         process = self._process
         if process is None or not process.is_alive():
             return
-        self._commands.put("stop")  # finishes the job in hand first
+        self._commands.put(Command.STOP)  # finishes the job in hand first
         process.join(timeout)
         if process.is_alive():
             log.warning("worker did not stop within %.0fs; terminating it", timeout)
@@ -178,11 +172,11 @@ class ProcessWorkerHost:
             process.join(5)
 
     def wake(self) -> None:
-        self.command("wake")
+        self.command(Command.WAKE)
 
-    def command(self, name: str) -> None:
+    def command(self, command: Command) -> None:
         try:
-            self._commands.put(name)
+            self._commands.put(command)
         except (AttributeError, ValueError, OSError):  # no live process right now
             pass
 
@@ -216,20 +210,19 @@ class ProcessWorkerHost:
 
     def _relay_reports(self) -> None:
         try:
-            kind, args = self._reports.get(timeout=0.2)
+            report = self._reports.get(timeout=0.2)
         except (queue.Empty, OSError, EOFError, ValueError):
             return
         try:
-            getattr(self.link, kind)(*args)
+            self.link.report(report)
         except Exception:  # noqa: BLE001
-            log.exception("handling worker report %s failed", kind)
+            log.exception("handling worker report %r failed", report)
 
     def _on_death(self, process) -> None:
         log.error("worker process %s died (exit code %s)", process.pid, process.exitcode)
         while True:  # reports sent just before dying still count
             try:
-                kind, args = self._reports.get_nowait()
-                getattr(self.link, kind)(*args)
+                self.link.report(self._reports.get_nowait())
             except (queue.Empty, OSError, EOFError, ValueError):
                 break
         running, self.link.running = self.link.running, {}
@@ -237,7 +230,7 @@ class ProcessWorkerHost:
             outcome = self.jobs.recover(job_id, token, self.settings.max_job_attempts)
             log.warning("job %s was running in the dead worker: %s", job_id, outcome)
             if outcome == "failed":
-                self.link.job_finished(job_id, "failed", None, 0.0)
+                self.link.report(JobFinished(job_id, Outcome.FAILED))
             self.link.events.job_changed(job_id)
         now = time.monotonic()
         self._deaths = [t for t in self._deaths if now - t < 60] + [now]

@@ -10,6 +10,7 @@ KLEIN_I2I = "/api/v1/enterprise/flux_klein/img2img"
 REALTIME_I2I = "/api/v1/enterprise/realtime/img2img"
 FLUX_I2I = "/api/v1/enterprise/flux/img2img"
 KONTEXT = "/api/v6/images/img2img"
+INPAINT = "/api/v6/images/inpaint"
 
 # (case id, path, body changes (None value deletes the field), status, message)
 REFUSALS = [
@@ -33,14 +34,28 @@ REFUSALS = [
     ("strength 1.5", FLUX_I2I, {"strength": 1.5}, 400, "strength must be between 0 and 1"),
     ("strength negative", REALTIME_I2I, {"strength": "-0.1"}, 400, "strength must be between 0 and 1"),
     ("bad boolean", KLEIN, {"base64": "maybe"}, 400, "base64 must be a boolean (true/false, yes/no, 1/0)"),
-    ("five init images", KLEIN_I2I, {"init_image": ["{host}/a.png"] * 5}, 400, "init_image accepts at most 4 image URL(s)"),
-    ("two images on realtime", REALTIME_I2I, {"init_image": ["{host}/a.png"] * 2}, 400, "init_image accepts at most 1 image URL(s)"),
+    ("five init images", KLEIN_I2I, {"init_image": ["{host}/a.png"] * 5}, 400,
+     "init_image accepts at most 4 image URL(s) for flux-klein"),
+    ("two images on realtime", REALTIME_I2I, {"init_image": ["{host}/a.png"] * 2}, 400,
+     "init_image accepts at most 1 image URL(s) for realtime"),
+    ("second image on realtime", REALTIME_I2I, {"init_image_2": "{host}/b.jpg"}, 400,
+     "init_image_2 is only supported by flux-kontext-dev"),
     ("no init image", FLUX_I2I, {"init_image": None}, 400, "init_image is required"),
     ("empty init list", KLEIN_I2I, {"init_image": []}, 400, "init_image is required"),
     ("init image not a string", FLUX_I2I, {"init_image": 5}, 400, "init_image must be an image URL or an array of image URLs"),
     ("missing model_id", KONTEXT, {"model_id": None}, 400, "model_id is required"),
     ("unknown model_id", KONTEXT, {"model_id": "sdxl"}, 404, "Model not found: sdxl"),
-    ("non-kontext model on v6", KONTEXT, {"model_id": "flux"}, 404, "Model not found: flux"),
+    ("model without image-to-image on v6", KONTEXT, {"model_id": "flux-fill"}, 404,
+     "Model not found: flux-fill (image-to-image models here: flux, flux-klein, flux-kontext-dev, realtime)"),
+    ("alias of a model", KONTEXT, {"model_id": "FLUX-KONTEXT", "init_image": "{host}/missing.png"}, 400,
+     "Unable to fetch image from provided URL: it answered HTTP 404"),  # resolved (then the image fails)
+    ("inpaint without mask", INPAINT, {"mask_image": None}, 400, "mask_image is required"),
+    ("inpaint without init image", INPAINT, {"init_image": None}, 400, "init_image is required"),
+    ("mask not an image", INPAINT, {"mask_image": "{host}/not-an-image.png"}, 400,
+     "Unable to decode the mask: not a valid image file"),
+    ("mask unreachable", INPAINT, {"mask_image": "{host}/missing.png"}, 400,
+     "Unable to fetch image from provided URL: it answered HTTP 404"),
+    ("unknown model on images inpaint", INPAINT, {"model_id": "sdxl"}, 404, "Model not found: sdxl"),
     ("unreachable image", FLUX_I2I, {"init_image": "http://127.0.0.1:9/x.png"}, 400,
      "Unable to fetch image from provided URL: could not connect to '127.0.0.1'"),
     ("image 404", FLUX_I2I, {"init_image": "{host}/missing.png"}, 400,
@@ -61,6 +76,7 @@ VALID = {
     REALTIME_I2I: {"prompt": "a cat", "init_image": "{host}/a.png"},
     FLUX_I2I: {"prompt": "a cat", "init_image": "{host}/a.png"},
     KONTEXT: {"prompt": "a cat", "init_image": "{host}/a.png", "model_id": "flux-kontext-dev"},
+    INPAINT: {"prompt": "a cat", "init_image": "{host}/a.png", "mask_image": "{host}/b.jpg", "model_id": "flux"},
 }
 
 

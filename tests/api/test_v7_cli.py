@@ -17,7 +17,8 @@ import pytest
 from fastapi.responses import JSONResponse
 from PIL import Image
 
-from fluxserve.api.v7 import _for_cli
+from fluxserve.api.modelslab import _for_clients
+from fluxserve.api.paths import BY_SERVER
 from tests.support.servers import live_server
 
 MODELSLAB = Path(sys.executable).parent / "modelslab"
@@ -104,6 +105,20 @@ def test_cli_generate_image_to_image(server, cli, image_host, tmp_path, model, e
     assert answer["meta"]["strength"] == 0.6
 
 
+@pytest.mark.parametrize("model,expected", [(None, "flux-klein"), ("flux", "flux"), ("flux-fill", "flux-fill")])
+def test_cli_generate_inpaint(server, cli, image_host, tmp_path, model, expected):
+    """``modelslab generate inpaint`` posts init_image, mask_image (and model_id with --model) to
+    /api/v7/images/inpaint, then downloads the result."""
+    out = tmp_path / "out"
+    args = ["-o", "json", "generate", "inpaint", "--prompt", "a cat in a hat", "--init-image", f"{image_host}/a.png",
+            "--mask-image", f"{image_host}/mask.png", "--output-dir", str(out)]
+    result = cli(server, *args, *(["--model", model] if model else []))
+    assert result.returncode == 0, result.stderr
+    saved_pngs(out, (512, 512))  # no size flags for inpaint either: the server default
+    answer = json_out(result)
+    assert answer["meta"]["model_id"] == expected and answer["meta"]["mask_image"] == f"{image_host}/mask.png"
+
+
 def test_cli_generate_fetch_downloads_a_finished_job(server, cli, tmp_path):
     first = cli(server, "-o", "json", "generate", "image", "--prompt", "a bench", "--width", "256",
                 "--height", "256", "--steps", "2", "--download=false", "--output-dir", str(tmp_path / "none"))
@@ -177,10 +192,8 @@ def test_image_to_image_models(v7, image_host, model_id, expected):
 
 @pytest.mark.parametrize("path,body,status,message", [
     (T2I, {"prompt": "a cat", "model_id": "sdxl"}, 404, "Model not found: sdxl"),
-    (T2I, {"prompt": "a cat", "model_id": "flux-kontext-dev"}, 404,
-     "Model not found: flux-kontext-dev (text-to-image models here: flux-klein, realtime)"),
-    (T2I, {"prompt": "a cat", "model_id": "flux"}, 404,  # FLUX.1 here is image-to-image only: no silent swap
-     "Model not found: flux (text-to-image models here: flux-klein, realtime)"),
+    (T2I, {"prompt": "a cat", "model_id": "flux-fill"}, 404,  # inpainting only: no silent swap
+     "Model not found: flux-fill (text-to-image models here: flux, flux-klein, flux-kontext-dev, realtime)"),
     (I2I, {"prompt": "a cat", "init_image": "{host}/a.png", "model_id": "sdxl"}, 404, "Model not found: sdxl"),
     (T2I, {"width": 256}, 400, "prompt is required"),
     (I2I, {"prompt": "", "init_image": "{host}/a.png"}, 400, "prompt is required"),  # the CLI without --prompt
@@ -211,6 +224,7 @@ def test_wrong_key_is_401(server, image_host, path):
 def test_failed_and_cancelled_jobs_answer_200_for_the_cli():
     """The CLI retries a 5xx (re-submitting) and polls through any non-2xx until its timeout."""
     for code in (500, 410):
-        answer = _for_cli(JSONResponse({"status": "error", "id": 1, "message": "boom", "output": []}, status_code=code))
+        answer = _for_clients(BY_SERVER["v7"], JSONResponse({"status": "error", "id": 1, "message": "boom", "output": []},
+                                                            status_code=code))
         assert answer.status_code == 200
-    assert _for_cli(JSONResponse({"status": "success"})).status_code == 200
+    assert _for_clients(BY_SERVER["v7"], JSONResponse({"status": "success"})).status_code == 200

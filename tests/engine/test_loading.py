@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from fluxserve.engine.loading import ModelLoadError, PipelineCache, pick_device, pick_dtype
-from fluxserve.models import FLUX1, KLEIN, REALTIME, Registry
+from fluxserve.models import Registry
 from tests.support.servers import live_server
+
+KLEIN, REALTIME, FLUX1 = "flux-klein", "realtime", "flux"
 
 
 def test_device_and_dtype_choice():

@@ -15,7 +15,10 @@ from PIL import Image
 
 from fluxserve.engine import optimize
 from fluxserve.engine.optimize import SWITCHES, Optimizations, apply, compute_dtype, prompt_cache_stats, warm_up
-from fluxserve.engine.tiny import TINY_MODEL_DIRS
+from fluxserve.engine.families import klein
+from fluxserve.engine.tiny import tiny_families
+
+TINY_MODEL_DIRS = {name: family.pipeline for name, family in tiny_families().items()}
 
 OFF = Optimizations.none()
 SIZE = 256
@@ -36,13 +39,9 @@ def generate(pipeline, prompt: str = "a cat on a red chair", seed: int = 0, step
     name = type(pipeline).__name__
     if name == "Flux2KleinPipeline":
         kwargs["guidance_scale"] = 1.0
-    else:
-        start = Image.effect_mandelbrot((size, size), (-2.0, -1.5, 1.0, 1.5), 40).convert("RGB")
-        kwargs["image"] = start
-        if name == "FluxImg2ImgPipeline":
-            kwargs["strength"] = 1.0
-        else:
-            kwargs.update(max_area=size * size, _auto_resize=False)
+    # whatever else a call of this pipeline's family needs (Kontext: an image; Fill: an image and a mask)
+    family = next(f for f in tiny_families().values() if f.pipeline == name)
+    kwargs.update((k, v) for k, v in family.warm_calls(size, size)[0].kwargs.items() if k not in ("prompt", "width", "height"))
     return pipeline(**kwargs).images[0]
 
 
@@ -358,7 +357,7 @@ def test_compiled_batches_are_warmed_at_load_and_keep_solo_bits(tiny_root):
     pipeline = load(tiny_root)
     make_batch_invariant(pipeline)
     apply(pipeline, only(compile=True), device="cpu")
-    warm_up(pipeline, sizes=[(SIZE, SIZE)], steps=1, batch=3)
+    warm_up(pipeline, sizes=[(SIZE, SIZE)], steps=1, calls=lambda w, h: klein.FAMILY.warm_calls(w, h, batch=3))
     prompts, seeds = ["a cat", "a dog", "a cow"], [1, 2, 3]
     with torch._dynamo.config.patch(error_on_recompile=True):
         batched = pipeline(prompt=prompts, height=SIZE, width=SIZE, num_inference_steps=1, guidance_scale=1.0,

@@ -13,7 +13,10 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from fluxserve.engine.tiny import MARKER_NAME, TINY_MODEL_DIRS, build_tiny_models  # noqa: E402
+from fluxserve.engine.tiny import MARKER_NAME, build_tiny_models, tiny_families  # noqa: E402
+
+#: folder -> the diffusers class saved there (each family's own build)
+TINY_MODEL_DIRS = {name: family.pipeline for name, family in tiny_families().items()}
 
 SIZE = 256
 
@@ -47,13 +50,20 @@ def _sha256_safetensors(folder: pathlib.Path) -> dict[str, str]:
     }
 
 
-# name -> (pipeline folder, extra call kwargs given the init image)
+_MASK = PIL.Image.new("L", (SIZE, SIZE), 0)
+_MASK.paste(255, (64, 64, 192, 192))
+
+# name -> (pipeline folder, variant class built with from_pipe (None: the saved one), extra call kwargs given the init image)
 CASES = {
-    "klein-text2img": ("flux2-klein", lambda img: {"guidance_scale": 1.0}),
-    "klein-reference": ("flux2-klein", lambda img: {"image": [img], "guidance_scale": 1.0}),
-    "flux1-img2img": ("flux1-dev", lambda img: {"image": img, "strength": 0.7}),
+    "klein-text2img": ("flux2-klein", None, lambda img: {"guidance_scale": 1.0}),
+    "klein-reference": ("flux2-klein", None, lambda img: {"image": [img], "guidance_scale": 1.0}),
+    "flux1-text2img": ("flux1-dev", None, lambda img: {}),
+    "flux1-img2img": ("flux1-dev", "FluxImg2ImgPipeline", lambda img: {"image": img, "strength": 0.7}),
+    "flux1-inpaint": ("flux1-dev", "FluxInpaintPipeline", lambda img: {"image": img, "mask_image": _MASK, "strength": 0.9}),
+    "fill": ("flux1-fill", None, lambda img: {"image": img, "mask_image": _MASK}),
     "kontext": (
         "flux-kontext",
+        None,
         lambda img: {"image": img, "max_area": SIZE * SIZE, "_auto_resize": False},
     ),
 }
@@ -87,9 +97,12 @@ def test_folders_are_complete_and_small(tiny_dirs: dict[str, pathlib.Path]) -> N
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_generate_256_deterministic(case: str, pipes, init_image) -> None:
-    name, extra = CASES[case]
+    name, variant, extra = CASES[case]
     pipe = pipes[name]
     assert type(pipe).__name__ == TINY_MODEL_DIRS[name]
+    if variant is not None:
+        pipe = getattr(diffusers, variant).from_pipe(pipe)
+        pipe.set_progress_bar_config(disable=True)
 
     first = _generate(pipe, 0, **extra(init_image))
     assert isinstance(first, PIL.Image.Image)
@@ -152,4 +165,4 @@ def test_folder_without_marker_is_rebuilt(tmp_path: pathlib.Path) -> None:
     assert _sha256_safetensors(dirs["flux-kontext"]) == reference
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(TINY_MODEL_DIRS)
     pipe = _load(rebuilt, "flux1-dev")
-    assert type(pipe).__name__ == "FluxImg2ImgPipeline"
+    assert type(pipe).__name__ == "FluxPipeline"

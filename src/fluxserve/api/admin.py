@@ -10,19 +10,20 @@ from fastapi.responses import JSONResponse, Response
 
 from fluxserve.api.deps import AdminKey, ServicesDep
 from fluxserve.api.errors import ApiError
+from fluxserve.api.paths import ADMIN_SERVERS
+from fluxserve.worker.messages import Command
 
 admin = APIRouter(prefix="/api/v1/enterprise", tags=["enterprise admin"])
 ops = APIRouter(tags=["operations"])
 
-# Each ModelsLab enterprise "server" is one GPU box; here they share one worker and one queue.
-SERVERS = ("flux_klein", "realtime", "flux", "images")
+# Each ModelsLab enterprise "server" is one GPU box; here they share the workers and one queue.
 RELOADABLE = {"model_overrides", "nsfw_threshold", "sync_wait_seconds", "max_queued_per_key", "retention_seconds",
               "lease_seconds", "heartbeat_seconds", "max_job_attempts", "device", "webhook_timeout_seconds",
               "max_init_image_bytes", "init_image_timeout_seconds"}
 
 
 def _check_server(server: str) -> None:
-    if server not in SERVERS:
+    if server not in ADMIN_SERVERS:
         raise ApiError(404, "Not found")
 
 
@@ -61,7 +62,7 @@ async def system_details(server: str, _key: AdminKey, services: ServicesDep) -> 
 @admin.post("/{server}/clear_cache")
 async def clear_cache(server: str, _key: AdminKey, services: ServicesDep) -> dict:
     _check_server(server)
-    _host(services).command("clear_cache")  # runs between jobs, never under a running one
+    _host(services).command(Command.CLEAR_CACHE)  # runs between jobs, never under a running one
     return {"status": "success", "message": "Cache cleared successfully"}
 
 

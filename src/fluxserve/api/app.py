@@ -20,8 +20,8 @@ from fluxserve.api.errors import install_error_handlers
 from fluxserve.api.generation import GenerationService
 from fluxserve.api.json_bodies import JsonBodiesMiddleware
 from fluxserve.api.limits import AddressRateLimitMiddleware, BodyLimitMiddleware, RateLimits
-from fluxserve.api.routes import enterprise, files, v6
-from fluxserve.api.v7 import v7
+from fluxserve.api.modelslab import router as modelslab_router
+from fluxserve.api.outputs import outputs_router
 from fluxserve.config import Settings
 from fluxserve.events import JobEvents
 from fluxserve.jobs.database import open_database
@@ -29,6 +29,7 @@ from fluxserve.jobs.store import JobStore
 from fluxserve.keys import KeyStore
 from fluxserve.metrics import Metrics
 from fluxserve.models import Registry
+from fluxserve.storage.configs import StorageConfigs
 from fluxserve.storage.local import LocalStorage
 
 
@@ -40,7 +41,7 @@ def create_app(
     metrics: Metrics | None = None,
     host: WorkerControl | None = None,
     reload_settings: Callable[[], Settings] | None = None,
-    storage: tuple | None = None,
+    storage_configs: StorageConfigs | None = None,
     sessions: sessionmaker[Session] | None = None,
     on_startup: Callable[[], None] | None = None,
     on_shutdown: Callable[[], None] | None = None,
@@ -62,7 +63,7 @@ def create_app(
             app.state.services = Services(
                 generation=GenerationService(
                     settings=settings, registry=registry, jobs=jobs, metrics=metrics,
-                    storage_configs=storage[0] if storage else None,
+                    storage_configs=storage_configs,
                     storage=LocalStorage(settings.outputs_dir, settings.base_url),
                     inputs=LocalStorage(settings.inputs_dir, settings.base_url),
                     events=events, http=http,
@@ -71,8 +72,7 @@ def create_app(
                 host=host,
                 worker_status=lambda: getattr(getattr(host, "link", None), "last_status", {}) or {},
                 reload_settings=reload_settings,
-                storage_configs=storage[0] if storage else None,
-                uploader=storage[1] if storage else None,
+                storage_configs=storage_configs,
             )
             if on_startup:
                 on_startup()
@@ -98,6 +98,6 @@ def create_app(
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Content-Type", "Key", "Authorization"])
-    for router in (enterprise, v6, v7, admin, storage_router, jobs_router, files, ops):
+    for router in (modelslab_router, admin, storage_router, jobs_router, outputs_router, ops):
         app.include_router(router)
     return app

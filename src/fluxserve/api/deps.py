@@ -19,7 +19,7 @@ class WorkerControl(Protocol):
     """What the API may ask of whoever hosts the GPU worker (``fluxserve.supervisor``)."""
 
     def describe(self) -> dict[str, Any]: ...
-    def command(self, name: str) -> None: ...
+    def command(self, command: Any) -> None: ...  # a worker.messages.Command
     def restart(self, settings: Any = None) -> None: ...
 
 
@@ -31,7 +31,6 @@ class Services:
     worker_status: Callable[[], dict[str, Any]] = field(default=lambda: {})
     reload_settings: Callable[[], Any] | None = None
     storage_configs: Any = None  # fluxserve.storage.configs.StorageConfigs
-    uploader: Any = None  # fluxserve.storage.s3.S3Uploader
 
 
 def get_services(request: Request) -> Services:

@@ -15,8 +15,10 @@ import httpx
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+from fluxserve.api.answers import expired_body, failure_body, processing_body, success_body
 from fluxserve.api.errors import ApiError
-from fluxserve.api.responses import expired_body, failure_body, processing_body, success_body
+from fluxserve.api.paths import Action, PathFamily
+from fluxserve.api.schemas import GenerationBody
 from fluxserve.config import Settings
 from fluxserve.events import JobEvents
 from fluxserve.images import ImageInputError, decode_image, fetch_image_bytes
@@ -25,20 +27,12 @@ from fluxserve.jobs.status import JobStatus
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.tables import ApiKey, Job
 from fluxserve.metrics import Metrics
-from fluxserve.models import ModelSpec, Registry, UnknownModel
+from fluxserve.models import ModelSpec, Registry, UnknownModel, UnsuitableRequest
 from fluxserve.params import SEED_MAX, GenerationRequest, JobParams
 from fluxserve.storage.configs import StorageConfigs
 from fluxserve.storage.local import LocalStorage
 
 POLL_SECONDS = 1.0  # fallback polling when the worker runs elsewhere
-
-
-def batch_key(model: str, params: JobParams) -> str | None:
-    """Jobs with equal keys may run in one pipeline call (dynamic batching): text-to-image with
-    the same model, size, steps and guidance. Image-to-image jobs never batch."""
-    if params.task != "text2img":
-        return None
-    return f"{model}|{params.width}x{params.height}|{params.steps}|{params.guidance}"
 
 
 @dataclass
@@ -54,19 +48,37 @@ class GenerationService:
     storage_configs: StorageConfigs | None = None
 
     # -- submission ---------------------------------------------------------------------------
-    async def submit(self, key: ApiKey, request: GenerationRequest, *, pipelines: tuple[str, ...] = ()) -> JSONResponse:
-        spec = self._model(request.model, pipelines)
+    def choose_model(self, action: Action, model_id: str | None) -> ModelSpec:
+        """The model an action serves: its own, or the body's ``model_id`` (else its default)."""
+        if action.model is not None:
+            return self.registry.get(action.model)
+        sent = (model_id or "").strip() or action.default_model
+        if not sent:
+            raise ApiError(400, "model_id is required")
+        try:
+            return self.registry.resolve(sent, action.task)
+        except UnsuitableRequest as exc:
+            raise ApiError(exc.status, str(exc)) from None
+
+    async def generate(self, key: ApiKey, family: PathFamily, action: Action, body: GenerationBody) -> JSONResponse:
+        """A generation route's work: the model, the request, the job, the answer."""
+        spec = self.choose_model(action, body.model_id)
+        return await self.submit(key, body.to_request(family.server, spec.name), deploy_type=family.deploy_type_of(action))
+
+    async def submit(self, key: ApiKey, request: GenerationRequest, *, deploy_type: str | None = None) -> JSONResponse:
+        spec = self._model(request)
         await self._check_queue_limit(key)
-        inputs = [await self._store_init_image(url) for url in request.init_images]
-        input_2 = await self._store_init_image(request.init_image_2) if request.init_image_2 else None
-        params = self._resolve(request, spec, inputs, input_2)
+        inputs = [await self._store_image(url) for url in request.init_images]
+        input_2 = await self._store_image(request.init_image_2) if request.init_image_2 else None
+        mask = await self._store_image(request.mask_image, what="mask") if request.mask_image else None
+        params = self._resolve(request, spec, inputs, input_2, mask)
         if self.storage_configs is not None and not request.temp:  # temp: local, expiring, even with S3
-            params.remote = await run_in_threadpool(self.storage_configs.for_job, key.id, request.server)
+            params.remote = await run_in_threadpool(self.storage_configs.for_job, key.id, deploy_type)
         file_prefix = str(uuid.uuid4())
         job = await run_in_threadpool(
             self.jobs.create, key_id=key.id, server=request.server, model=spec.name, task=request.task,
             params=params.to_dict(), meta=self._meta(request, spec, params, file_prefix), file_prefix=file_prefix,
-            webhook=request.webhook, track_id=request.track_id, batch_key=batch_key(spec.name, params),
+            webhook=request.webhook, track_id=request.track_id, batch_key=spec.family.batch_key(params),
         )
         self.metrics.jobs_submitted.labels(spec.name).inc()
         self.events.job_queued()
@@ -74,13 +86,16 @@ class GenerationService:
             return await self._answer(job)
         return await self._wait_and_answer(job.id)
 
-    def _model(self, name: str, pipelines: tuple[str, ...]) -> ModelSpec:
+    def _model(self, request: GenerationRequest) -> ModelSpec:
+        """The request's model, if it can take the request's inputs (its family's limits)."""
         try:
-            spec = self.registry.get(name)
+            spec = self.registry.get(request.model)
+            self.registry.check_inputs(spec, request.task, init_images=len(request.init_images),
+                                       second_image=bool(request.init_image_2), mask=bool(request.mask_image))
         except UnknownModel:
-            raise ApiError(404, f"Model not found: {name}") from None
-        if pipelines and spec.pipeline not in pipelines:
-            raise ApiError(404, f"Model not found: {name}")
+            raise ApiError(404, f"Model not found: {request.model}") from None
+        except UnsuitableRequest as exc:
+            raise ApiError(exc.status, str(exc)) from None
         return spec
 
     async def _check_queue_limit(self, key: ApiKey) -> None:
@@ -95,14 +110,16 @@ class GenerationService:
                 retry_after=max(1, round(per_job * (queued - limit + 1))),
             )
 
-    async def _store_init_image(self, url: str) -> str:
-        """Fetch, decode and keep the init image under the data dir, so the job can be retried
-        after a crash without fetching again. Returns the stored file name."""
+    async def _store_image(self, url: str, what: str = "init image") -> str:
+        """Fetch, decode and keep an input image under the data dir, so the job can be retried
+        after a crash without fetching again. Returns the stored file name. A mask is kept as its
+        luminance (white repaints, black keeps)."""
         try:
             data = await fetch_image_bytes(url, client=self.http, policy=self.settings.fetch_policy())
-            png = await run_in_threadpool(lambda: encode_png(decode_image(data)))
+            png = await run_in_threadpool(lambda: encode_png(_as_mask(decode_image(data)) if what == "mask" else decode_image(data)))
         except ImageInputError as exc:
-            raise ApiError(400, str(exc)) from None
+            message = str(exc).replace("the init image", f"the {what}") if what != "init image" else str(exc)
+            raise ApiError(400, message) from None
         name = hashlib.sha256(png).hexdigest() + ".png"
         path = self.inputs.root / name
         if path.exists():
@@ -112,9 +129,10 @@ class GenerationService:
         return name
 
     @staticmethod
-    def _resolve(request: GenerationRequest, spec: ModelSpec, inputs: list[str], input_2: str | None) -> JobParams:
+    def _resolve(request: GenerationRequest, spec: ModelSpec, inputs: list[str], input_2: str | None,
+                 mask: str | None) -> JobParams:
         base_seed = request.seed if request.seed is not None else secrets.randbelow(SEED_MAX + 1)
-        img2img = request.task == "img2img"
+        img2img = request.task != "text2img"  # image-to-image and inpainting start from an image
         return JobParams(
             model=spec.name, task=request.task, prompt=request.prompt, negative_prompt=request.negative_prompt,
             width=request.width, height=request.height,
@@ -124,7 +142,7 @@ class GenerationService:
             strength=(spec.strength if request.strength is None else request.strength) if img2img else None,
             true_cfg_scale=request.true_cfg_scale or spec.true_cfg_scale,
             inputs=inputs, input_2=input_2, safety_checker=request.safety_checker, base64=request.base64,
-            enhance_prompt=bool(request.enhance_prompt),
+            enhance_prompt=bool(request.enhance_prompt), mask=mask,
         )
 
     @staticmethod
@@ -154,11 +172,13 @@ class GenerationService:
         }
         if spec.negative_prompt_supported:
             meta["true_cfg_scale"] = params.true_cfg_scale
-        if request.task == "img2img":
+        if request.task != "text2img":
             meta["strength"] = params.strength
             meta["init_image"] = request.init_images[0] if len(request.init_images) == 1 else request.init_images
             if request.init_image_2:
                 meta["init_image_2"] = request.init_image_2
+            if request.mask_image:
+                meta["mask_image"] = request.mask_image
         return meta
 
     # -- answering ----------------------------------------------------------------------------
@@ -213,3 +233,8 @@ class GenerationService:
         if per_job is None:  # nothing measured yet: a rough guess from the step count
             per_job = 0.5 * job.params["steps"] * len(job.params["seeds"])
         return round((self.jobs.jobs_ahead(job.id) + 1) * per_job, 2)
+
+
+def _as_mask(image):
+    """A mask's luminance: white (255) repaints, black (0) keeps."""
+    return image.convert("L")

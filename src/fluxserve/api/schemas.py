@@ -1,5 +1,7 @@
-"""Request bodies, one per endpoint shape. Lenient about types (see ``lenient``), strict about
-ranges, silent about unknown fields; each translates itself into a ``GenerationRequest``."""
+"""Request bodies, one per task (text-to-image, image-to-image, inpainting), shared by every path
+family. Lenient about types (see ``lenient``), strict about ranges, silent about unknown fields;
+each translates itself into a ``GenerationRequest``. What a *model* can take (how many init
+images, a second image, a mask) is its family's limit, checked by the registry afterwards."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from pydantic_core import PydanticCustomError
 
 from fluxserve.api import lenient
-from fluxserve.models import FLUX1, KLEIN, KONTEXT, REALTIME
+from fluxserve.engine.families.base import Task
 from fluxserve.params import SEED_MAX, GenerationRequest
 
 Int = Annotated[int | None, BeforeValidator(lenient.to_int)]
@@ -22,7 +24,22 @@ Urls = Annotated[list[str] | None, BeforeValidator(lenient.to_url_list)]
 MIN_SIDE, MAX_SIDE = 256, 1024
 MAX_PROMPT_CHARS = 8000  # far beyond what the text encoders read (512 tokens); bounds storage
 MAX_LENGTHS = {"track_id": 200, "webhook": 2048, "model_id": 64}  # as stored
-MAX_URL_CHARS = 8192  # http(s) init image URLs (data: URIs are bounded by the body size)
+MAX_URL_CHARS = 8192  # http(s) image URLs (data: URIs are bounded by the body size)
+
+# The seed pages' own example bodies, shown in /docs (key and image URLs as on the pages).
+_EXAMPLE_IMAGE = "https://raw.githubusercontent.com/CompVis/stable-diffusion/main/data/inpainting_examples/overture-creations-5sI6fQgYIuo.png"
+EXAMPLES: dict[Task, dict[str, Any]] = {
+    Task.TEXT2IMG: {"key": "your_api_key", "prompt": "ultra realistic close up portrait of a cyberpunk woman",
+                    "negative_prompt": "bad quality", "width": "512", "height": "512", "safety_checker": False,
+                    "seed": None, "samples": 1, "base64": False, "webhook": None, "track_id": None},
+    Task.IMG2IMG: {"key": "your_api_key", "prompt": "a cat sitting on a bench", "negative_prompt": "bad quality",
+                   "init_image": _EXAMPLE_IMAGE, "width": "512", "height": "512", "samples": "1", "temp": False,
+                   "safety_checker": False, "strength": 0.7, "seed": None, "webhook": None, "track_id": None},
+    Task.INPAINT: {"key": "your_api_key", "prompt": "a cat sitting on a bench", "init_image": _EXAMPLE_IMAGE,
+                   "mask_image": "https://raw.githubusercontent.com/CompVis/stable-diffusion/main/data/"
+                                 "inpainting_examples/overture-creations-5sI6fQgYIuo_mask.png",
+                   "width": "512", "height": "512", "samples": "1", "strength": 1, "seed": None},
+}
 
 
 def _refuse(message: str) -> PydanticCustomError:
@@ -34,12 +51,19 @@ def _check_range(name: str, value: float | None, low: float, high: float) -> Non
         raise _refuse(f"{name} must be between {low:.12g} and {high:.12g}")
 
 
+def _check_url_length(name: str, url: str | None) -> None:
+    if url and len(url) > MAX_URL_CHARS and not url.startswith("data:"):
+        raise _refuse(f"{name} URLs must be at most {MAX_URL_CHARS} characters")
+
+
 class GenerationBody(BaseModel):
     """Fields every generation endpoint accepts."""
 
     model_config = ConfigDict(extra="ignore")
+    task: ClassVar[Task] = Task.TEXT2IMG
 
     key: Text = Field(None, description="API key (or send it in a `Key` header).")
+    model_id: Text = Field(None, description="The model, on paths that serve several (see each path's description).")
     prompt: Text = Field(None, description="Required. What to generate.")
     negative_prompt: Text = None
     width: Int = Field(None, description="256-1024, a multiple of 8 (default 512).")
@@ -48,7 +72,7 @@ class GenerationBody(BaseModel):
     seed: Int = Field(None, description="null for random; the seed used is in meta.seed.")
     num_inference_steps: Int = Field(None, description="1-50 (default per model).")
     guidance_scale: Float = Field(None, description="0-20 (default per model).")
-    strength: Float = Field(None, description="0-1, image-to-image only.")
+    guidance: Float = Field(None, description="0-20; the same as guidance_scale (wins if both are sent).")
     true_cfg_scale: Float = Field(None, description="FLUX.1 family: > 1 applies negative_prompt (2x cost).")
     safety_checker: Bool = None
     base64: Bool = None
@@ -57,6 +81,7 @@ class GenerationBody(BaseModel):
     enhance_prompt: Bool = None
     webhook: Text = None
     track_id: Text = None
+    scheduler: Text = Field(None, description="Accepted and ignored (FLUX uses its own scheduler).")
 
     @model_validator(mode="after")
     def _check_limits(self) -> "GenerationBody":
@@ -80,7 +105,7 @@ class GenerationBody(BaseModel):
         _check_range("seed", self.seed, 0, SEED_MAX)
         _check_range("num_inference_steps", self.num_inference_steps, 1, 50)
         _check_range("guidance_scale", self.guidance_scale, 0, 20)
-        _check_range("strength", self.strength, 0, 1)
+        _check_range("guidance", self.guidance, 0, 20)
         _check_range("true_cfg_scale", self.true_cfg_scale, 1, 20)
         if self.webhook is not None:
             self.webhook = self.webhook.strip() or None
@@ -88,95 +113,82 @@ class GenerationBody(BaseModel):
             raise _refuse("webhook must be an http or https URL")
         return self
 
-    def _request(self, server: str, model: str, task: str, **extra: Any) -> GenerationRequest:
+    def to_request(self, server: str, model: str) -> GenerationRequest:
+        """The request for ``model`` (chosen by the path family and ``model_id``)."""
         return GenerationRequest(
-            server=server, model=model, task=task, prompt=self.prompt.strip(),
+            server=server, model=model, task=self.task.value, prompt=(self.prompt or "").strip(),
             negative_prompt=self.negative_prompt or None,
             width=self.width or 512, height=self.height or 512, samples=self.samples or 1,
-            seed=self.seed, steps=self.num_inference_steps, guidance=self.guidance_scale,
-            strength=self.strength, true_cfg_scale=self.true_cfg_scale,
+            seed=self.seed, steps=self.num_inference_steps,
+            guidance=self.guidance if self.guidance is not None else self.guidance_scale,
+            true_cfg_scale=self.true_cfg_scale,
             safety_checker=True if self.safety_checker is None else self.safety_checker,
             base64=bool(self.base64), instant_response=bool(self.instant_response),
             temp=bool(self.temp), enhance_prompt=self.enhance_prompt, track_id=self.track_id,
-            webhook=self.webhook, **extra,
+            webhook=self.webhook, **self._images(),
         )
+
+    def _images(self) -> dict[str, Any]:
+        return {}
 
 
 class Text2ImgBody(GenerationBody):
-    """FLUX.2 klein text-to-image (flux_klein and realtime servers)."""
+    """Text to image."""
 
-    def to_request(self, server: str) -> GenerationRequest:
-        model = REALTIME if server.endswith("realtime") else KLEIN
-        return self._request(server, model, "text2img")
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"example": EXAMPLES[Task.TEXT2IMG]})
 
 
-class _InitImageBody(GenerationBody):
-    init_image: Urls = Field(None, description="Image URL (http, https or a base64 data: URI).")
-    max_init_images: ClassVar[int] = 1
+class Img2ImgBody(GenerationBody):
+    """Image to image: one or more init images (how many a model takes is its limit)."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"example": EXAMPLES[Task.IMG2IMG]})
+    task: ClassVar[Task] = Task.IMG2IMG
+
+    init_image: Urls = Field(None, description="An image URL (http, https or a base64 data: URI), or an array of "
+                                               "them (FLUX.2 klein: up to 4 references, all used).")
+    init_image_2: Text = Field(None, description="Flux Kontext: a second reference image URL.")
+    strength: Float = Field(None, description="0-1: how much of the init image is repainted (default per model).")
 
     @model_validator(mode="after")
-    def _check_init_images(self) -> "_InitImageBody":
+    def _check_init_images(self) -> "Img2ImgBody":
         if not self.init_image:
             raise _refuse("init_image is required")
-        if any(len(url) > MAX_URL_CHARS and not url.startswith("data:") for url in self.init_image):
-            raise _refuse(f"init_image URLs must be at most {MAX_URL_CHARS} characters")
-        if len(self.init_image) > self.max_init_images:
-            raise _refuse(f"init_image accepts at most {self.max_init_images} image URL(s)")
+        for url in self.init_image:
+            _check_url_length("init_image", url)
+        _check_url_length("init_image_2", self.init_image_2)
+        _check_range("strength", self.strength, 0, 1)
         return self
 
-
-class KleinImg2ImgBody(_InitImageBody):
-    """FLUX.2 klein editing: 1-4 reference images, all used."""
-
-    init_image: Urls = Field(None, description="An image URL or an array of 1-4 URLs, all used as references.")
-    max_init_images: ClassVar[int] = 4
-
-    def to_request(self, server: str) -> GenerationRequest:
-        return self._request(server, KLEIN, "img2img", init_images=self.init_image)
+    def _images(self) -> dict[str, Any]:
+        return {"init_images": list(self.init_image or []), "init_image_2": (self.init_image_2 or "").strip() or None,
+                "strength": self.strength}
 
 
-class RealtimeImg2ImgBody(_InitImageBody):
-    def to_request(self, server: str) -> GenerationRequest:
-        return self._request(server, REALTIME, "img2img", init_images=self.init_image)
+class InpaintBody(Img2ImgBody):
+    """Inpainting: ``init_image`` is repainted where ``mask_image`` is white and kept where it is
+    black (grey blends); the mask may have any size (it is resized to the image)."""
 
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"example": EXAMPLES[Task.INPAINT]})
+    task: ClassVar[Task] = Task.INPAINT
 
-class FluxImg2ImgBody(_InitImageBody):
-    def to_request(self, server: str) -> GenerationRequest:
-        return self._request(server, FLUX1, "img2img", init_images=self.init_image)
-
-
-class KontextBody(_InitImageBody):
-    """Flux Kontext editing (v6 images/img2img)."""
-
-    model_id: Text = Field(None, description='Required: "flux-kontext-dev".')
-    init_image_2: Text = Field(None, description="Optional second reference image URL.")
-    guidance: Float = Field(None, description="0-20 (default 2.5). guidance_scale is accepted too.")
+    mask_image: Text = Field(None, description="Required: the mask's URL (http, https or a base64 data: URI).")
 
     @model_validator(mode="after")
-    def _check_kontext(self) -> "KontextBody":
-        if not self.model_id:
-            raise _refuse("model_id is required")
-        if len(self.model_id) > MAX_LENGTHS["model_id"]:
-            raise _refuse(f"model_id is too long (at most {MAX_LENGTHS['model_id']} characters)")
-        if self.init_image_2 and len(self.init_image_2) > MAX_URL_CHARS and not self.init_image_2.startswith("data:"):
-            raise _refuse(f"init_image_2 URLs must be at most {MAX_URL_CHARS} characters")
-        _check_range("guidance", self.guidance, 0, 20)
+    def _check_mask(self) -> "InpaintBody":
+        if not (self.mask_image or "").strip():
+            raise _refuse("mask_image is required")
+        _check_url_length("mask_image", self.mask_image)
         return self
 
-    def to_request(self, server: str) -> GenerationRequest:
-        request = self._request(
-            server, self.model_id, "img2img", init_images=self.init_image,
-            init_image_2=(self.init_image_2 or "").strip() or None,
-        )
-        if self.guidance is not None:
-            request.guidance = self.guidance
-        return request
+    def _images(self) -> dict[str, Any]:
+        return {**super()._images(), "mask_image": (self.mask_image or "").strip()}
+
+
+BODIES: dict[Task, type[GenerationBody]] = {Task.TEXT2IMG: Text2ImgBody, Task.IMG2IMG: Img2ImgBody,
+                                             Task.INPAINT: InpaintBody}
 
 
 class FetchBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
     key: Text = None
-    request_id: Int = Field(None, description="The id of the request (for /api/v6/images/fetch).")
-
-
-KONTEXT_MODEL_IDS = (KONTEXT,)
+    request_id: Int = Field(None, description="The id of the request.")

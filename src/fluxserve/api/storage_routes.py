@@ -54,7 +54,7 @@ async def update_s3(body: UpdateS3Body, key: AuthKey, services: ServicesDep) -> 
     except FetchError as exc:
         raise ApiError(400, f"endpoint_url refused: {exc}") from None
     try:
-        await run_in_threadpool(services.uploader.check, details)
+        await run_in_threadpool(services.storage_configs.for_details(details).check)
     except UploadError as exc:
         raise ApiError(400, f"S3 details do not work: {exc}") from None
     deploy_type = body.deploy_type or DEFAULT_DEPLOY_TYPE

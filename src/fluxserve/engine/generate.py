@@ -1,25 +1,25 @@
-"""Running one job's generation on its pipeline. Each image gets its own seeded CPU generator
-(CPU so that a seed means the same noise on every device)."""
+"""Running one job's generation: the job's family turns its parameters into a pipeline call
+(``engine/families``), this module runs it once per seed with a seeded CPU generator (CPU so that
+a seed means the same noise on every device), and returns images of exactly the size asked."""
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from PIL import Image
 
+from fluxserve.engine.errors import JobAborted  # noqa: F401 - raised by progress callbacks, re-exported
+from fluxserve.engine.families.base import Inputs, Task
 from fluxserve.engine.loading import PipelineCache
 from fluxserve.models import ModelSpec
 from fluxserve.params import JobParams
 
-MAX_REFERENCE_AREA = 1024 * 1024
+Progress = Callable[[int, int], None]
 
 
-class JobAborted(RuntimeError):
-    """Raised from the step callback to stop a generation whose job is no longer ours."""
-
-
-def _step_callback(progress, image_index: int, n_images: int):
+def _step_callback(progress: Progress, image_index: int, n_images: int):
     """A diffusers ``callback_on_step_end`` reporting (step done, steps in all) across images."""
 
     def callback(pipeline, step, _timestep, callback_kwargs):
@@ -30,119 +30,69 @@ def _step_callback(progress, image_index: int, n_images: int):
     return callback
 
 
-def _generator(seed: int) -> torch.Generator:
+def seeded_generator(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)
 
 
-def _latent_size(value: int) -> int:
-    """FLUX latents are 2x2-packed after 8x VAE downsampling: sides must be multiples of 16."""
-    return math.ceil(value / 16) * 16
-
-
-def _crop_to(image: Image.Image, width: int, height: int) -> Image.Image:
+def crop_to(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The centre ``width`` x ``height`` of an image generated at the family's size multiple."""
     if image.size == (width, height):
         return image
     left, top = (image.width - width) // 2, (image.height - height) // 2
     return image.crop((left, top, left + width, top + height))
 
 
-def _fit_area(image: Image.Image, max_area: int) -> Image.Image:
-    if image.width * image.height <= max_area:
-        return image
-    scale = math.sqrt(max_area / (image.width * image.height))
-    return image.resize((max(16, int(image.width * scale)), max(16, int(image.height * scale))), Image.LANCZOS)
-
-
-def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
-    """Kontext takes one image: two references are pasted next to each other, same height."""
-    height = max(left.height, right.height)
-    left = left.resize((round(left.width * height / left.height), height), Image.LANCZOS)
-    right = right.resize((round(right.width * height / right.height), height), Image.LANCZOS)
-    canvas = Image.new("RGB", (left.width + right.width, height), (255, 255, 255))
-    canvas.paste(left, (0, 0))
-    canvas.paste(right, (left.width, 0))
-    return canvas
+def keep_unmasked(image: Image.Image, init: Image.Image, mask: Image.Image) -> Image.Image:
+    """Inpainting changes only what the mask covers: the init image's pixels where the mask is
+    black, the generated ones where it is white (grey blends). The pipelines blend in latent
+    space only, so without this the VAE's round trip would alter the kept area too."""
+    size = image.size
+    init = init if init.size == size else init.resize(size, Image.LANCZOS)
+    mask = mask if mask.size == size else mask.resize(size, Image.LANCZOS)
+    return Image.composite(image, init.convert("RGB"), mask.convert("L"))
 
 
 class Generator:
     """One call per seed, so that every seed in ``meta.seeds`` reproduces its image on its own
-    whatever the device's kernels do with a batch (and FLUX.1 img2img draws its encode noise from
-    the first generator only). Dynamic batching across jobs is ``run_batch``."""
+    whatever the device's kernels do with a batch. Dynamic batching across jobs is ``run_batch``."""
 
     def __init__(self, pipelines: PipelineCache):
         self.pipelines = pipelines
 
-    def run(
-        self, spec: ModelSpec, params: JobParams, references: list[Image.Image], second: Image.Image | None = None,
-        progress=None,
-    ) -> list[Image.Image]:
+    def run(self, spec: ModelSpec, params: JobParams, inputs: Inputs, progress: Progress | None = None) -> list[Image.Image]:
         """One image per seed. ``progress(step, total)`` is called after each denoising step and
         may raise ``JobAborted`` to stop."""
-        if params.task == "img2img" and params.strength == 0:
+        task = Task(params.task)
+        if task is not Task.TEXT2IMG and params.strength == 0:
             # strength 0 means "identical to the input": no denoising step would run
-            same = references[0].resize((params.width, params.height), Image.LANCZOS)
+            same = inputs.references[0].resize((params.width, params.height), Image.LANCZOS)
             return [same.copy() for _ in params.seeds]
-        call = self._call_for(spec, params, references, second)
+        width, height = spec.family.generation_size(params.width, params.height)
+        call = spec.family.call(params, inputs, width, height)
+        pipeline = self.pipelines.get(spec, call.variant)
         images = []
         for index, seed in enumerate(params.seeds):
-            extra = {"callback_on_step_end": _step_callback(progress, index, len(params.seeds))} if progress else {}
-            image = call(_generator(seed), **extra).images[0]
-            images.append(_crop_to(image.convert("RGB"), params.width, params.height))
+            extra: dict[str, Any] = {"callback_on_step_end": _step_callback(progress, index, len(params.seeds))} if progress else {}
+            image = pipeline(generator=seeded_generator(seed), output_type="pil", **call.kwargs, **extra).images[0]
+            image = crop_to(image.convert("RGB"), params.width, params.height)
+            if task is Task.INPAINT:
+                image = keep_unmasked(image, inputs.references[0], inputs.mask)
+            images.append(image)
         return images
 
-    def run_batch(self, spec: ModelSpec, jobs: list[JobParams], progress=None) -> list[list[Image.Image]]:
-        """Several compatible text-to-image jobs (same model, size, steps, guidance) in one
-        pipeline call: one prompt and one seeded generator per image. Returns each job's images.
-        Each image equals its solo run bit for bit where the kernels allow: the cache made the
-        pipeline batch-invariant at load (``engine.batch_invariance``; equal on CPU, tested)."""
+    def run_batch(self, spec: ModelSpec, jobs: list[JobParams], progress: Progress | None = None) -> list[list[Image.Image]]:
+        """Several compatible jobs (equal ``family.batch_key``) in one pipeline call: one seeded
+        generator per image. Returns each job's images. Each image equals its solo run bit for bit
+        where the kernels allow: the cache made the pipeline batch-invariant at load
+        (``engine.batch_invariance``; equal on CPU, tested)."""
         first = jobs[0]
-        if spec.pipeline != "Flux2KleinPipeline" or any(p.task != "text2img" for p in jobs):
-            raise ValueError("only FLUX.2 klein text-to-image jobs are batched")
-        prompts = [p.prompt for p in jobs for _ in p.seeds]
-        generators = [_generator(seed) for p in jobs for seed in p.seeds]
-        extra = {"callback_on_step_end": _step_callback(progress, 0, 1)} if progress else {}
-        images = self.pipelines.get(spec)(
-            prompt=prompts, height=_latent_size(first.height), width=_latent_size(first.width),
-            num_inference_steps=first.steps, guidance_scale=first.guidance, generator=generators,
-            num_images_per_prompt=1, output_type="pil", **extra,
-        ).images
+        width, height = spec.family.generation_size(first.width, first.height)
+        call = spec.family.batch_call(jobs, width, height)
+        generators = [seeded_generator(seed) for p in jobs for seed in p.seeds]
+        extra: dict[str, Any] = {"callback_on_step_end": _step_callback(progress, 0, 1)} if progress else {}
+        images = self.pipelines.get(spec, call.variant)(generator=generators, output_type="pil", **call.kwargs, **extra).images
         out, start = [], 0
         for p in jobs:
-            out.append([_crop_to(image.convert("RGB"), p.width, p.height) for image in images[start:start + len(p.seeds)]])
+            out.append([crop_to(image.convert("RGB"), p.width, p.height) for image in images[start:start + len(p.seeds)]])
             start += len(p.seeds)
         return out
-
-    def _call_for(self, spec, params, references, second):
-        """A function of one generator that runs the right pipeline with everything else bound."""
-        width, height = _latent_size(params.width), _latent_size(params.height)
-        common = dict(
-            prompt=params.prompt, height=height, width=width, num_inference_steps=params.steps,
-            guidance_scale=params.guidance, output_type="pil",
-        )
-        partial_denoise = params.task == "img2img" and params.strength is not None and params.strength < 1
-        blank_mask = Image.new("L", (width, height), 255)
-        if spec.pipeline == "Flux2KleinPipeline":
-            if params.task == "text2img":
-                return lambda g, **kw: self.pipelines.get(spec)(generator=g, **common, **kw)
-            references = [_fit_area(ref, MAX_REFERENCE_AREA) for ref in references]
-            if not partial_denoise:
-                return lambda g, **kw: self.pipelines.get(spec)(image=references, generator=g, **common, **kw)
-            start = references[0].resize((width, height), Image.LANCZOS)
-            inpaint = self.pipelines.get(spec, "Flux2KleinInpaintPipeline")
-            return lambda g, **kw: inpaint(image=start, image_reference=references, mask_image=blank_mask,
-                                     strength=params.strength, generator=g, **common, **kw)
-        flux1 = dict(common, negative_prompt=params.negative_prompt, true_cfg_scale=params.true_cfg_scale)
-        if spec.pipeline == "FluxImg2ImgPipeline":
-            start = references[0].resize((width, height), Image.LANCZOS)
-            return lambda g, **kw: self.pipelines.get(spec)(image=start, strength=params.strength, generator=g, **flux1, **kw)
-        if spec.pipeline == "FluxKontextPipeline":
-            reference = side_by_side(references[0], second) if second is not None else references[0]
-            reference = _fit_area(reference, MAX_REFERENCE_AREA)
-            kontext = dict(flux1, max_area=height * width, _auto_resize=False)
-            if not partial_denoise:
-                return lambda g, **kw: self.pipelines.get(spec)(image=reference, generator=g, **kontext, **kw)
-            start = references[0].resize((width, height), Image.LANCZOS)
-            inpaint = self.pipelines.get(spec, "FluxKontextInpaintPipeline")
-            return lambda g, **kw: inpaint(image=start, image_reference=reference, mask_image=blank_mask,
-                                     strength=params.strength, generator=g, **kontext, **kw)
-        raise ValueError(f"no generation code for pipeline {spec.pipeline}")

@@ -11,15 +11,12 @@ from typing import Any
 import torch
 
 from fluxserve.engine.batch_invariance import make_batch_invariant
+from fluxserve.engine.errors import ModelLoadError
 from fluxserve.engine.optimize import Optimizations, apply, warm_up
 from fluxserve.engine.residency import Residency
 from fluxserve.models import ModelSpec
 
 log = logging.getLogger(__name__)
-
-
-class ModelLoadError(RuntimeError):
-    """A model that could not be loaded; the message says why and what to do."""
 
 
 def pick_device(setting: str = "auto") -> str:
@@ -98,9 +95,8 @@ class PipelineCache:
         report = apply(pipeline, self.optimizations, device=self.device)
         log.info("optimizations for %s: %s", _key(cache_key), report)
         if self.optimizations.compile and self.warm_sizes and cache_key == (spec.pipeline, spec.source):
-            references = 1 if spec.pipeline == "FluxKontextPipeline" else 0
-            timings = warm_up(pipeline, sizes=[(side, side) for side in self.warm_sizes], steps=1, references=references,
-                              batch=self.warm_batch)
+            timings = warm_up(pipeline, sizes=[(side, side) for side in self.warm_sizes], steps=1,
+                              calls=lambda width, height: spec.family.warm_calls(width, height, self.warm_batch))
             log.info("compiled %s, warmed at %s", _key(cache_key), timings)
 
     def optimization_reports(self) -> dict[str, dict[str, str]]:

@@ -773,40 +773,16 @@ def prompt_cache_stats(pipeline: Any) -> dict[str, int] | None:
 # --------------------------------------------------------------------------------------
 
 
-def _warm_calls(pipeline: Any, width: int, height: int, steps: int, references: int,
-                batch: int = 1) -> list[dict[str, Any]]:
-    """Keyword sets for one warm-up at (width, height), shaped like the calls generate.py makes;
-    with ``batch`` > 1 (dynamic batching on) also a two-prompt klein text-to-image call."""
-    from PIL import Image
-
-    base = dict(prompt="warm-up", width=width, height=height, num_inference_steps=steps, output_type="pil")
-    image = Image.new("RGB", (width, height), (127, 127, 127))
-    name = type(pipeline).__name__
-    if "Kontext" in name:
-        return [dict(base, image=image, max_area=width * height, _auto_resize=False)]
-    if "Img2Img" in name:
-        return [dict(base, image=image, strength=1.0)]
-    if "Inpaint" in name:
-        mask = Image.new("L", (width, height), 255)
-        return [dict(base, image=image, mask_image=mask, strength=1.0)]
-    calls = [base]
-    if batch > 1 and name == "Flux2KleinPipeline":
-        # a second batch size makes dynamo compile the blocks once more with the batch dimension
-        # dynamic; every later batch size (3, 4, ...) reuses that graph: no request compiles
-        calls.append(dict(base, prompt=["warm-up", "warm-up, batched"]))
-    if references > 0 and "image" in inspect.signature(pipeline.__call__).parameters:
-        calls.append(dict(base, image=[image] * references))
-    return calls
-
-
 def warm_up(
-    pipeline: Any, *, sizes: Iterable[tuple[int, int]], steps: int = 1, references: int = 0, batch: int = 1
+    pipeline: Any, *, sizes: Iterable[tuple[int, int]], steps: int = 1,
+    calls: Callable[[int, int], list[Any]] | None = None,
 ) -> dict[str, float]:
     """Run one short generation per served ``(width, height)`` so that compilation (and every other
     first-call cost) happens now, at load, and no request pays for it.  Sides are rounded up to
-    multiples of 16 as generate.py does.  For klein, ``references`` > 0 also warms calls with that
-    many reference images of the same size (their tokens change the transformer's shapes), and
-    ``batch`` > 1 (the largest batch dynamic batching may form) also warms batched calls.
+    multiples of 16 as the families do.  ``calls(width, height)`` gives the calls to make
+    (``PipelineCall``s of the pipeline's family: ``Family.warm_calls``, which shapes them like the
+    requests it serves, batched ones included when dynamic batching is on); by default one
+    text-to-image call.
 
     Returns ``{"WxH": seconds}``.  Should a compiled transformer fail here, its blocks go back to
     eager, the report says compile unavailable, and the warm-up goes on.  Afterwards the prompt
@@ -817,7 +793,9 @@ def warm_up(
     for width, height in sizes:
         width, height = (-(-int(width) // 16) * 16), (-(-int(height) // 16) * 16)
         started = time.perf_counter()
-        for kwargs in _warm_calls(pipeline, width, height, steps, references, batch):
+        made = calls(width, height) if calls else [{"prompt": "warm-up", "width": width, "height": height}]
+        for call in made:
+            kwargs = dict(getattr(call, "kwargs", call), num_inference_steps=steps, output_type="pil")
             generator = torch.Generator("cpu").manual_seed(0)
             try:
                 pipeline(generator=generator, **kwargs)

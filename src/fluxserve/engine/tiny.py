@@ -5,15 +5,11 @@ tests, CI and local development we want that exact code path without downloading
 gigabytes from the Hugging Face hub, so this module builds miniature versions of every
 pipeline family the service serves:
 
-=============  ========================  =============================================
-name           pipeline class            components
-=============  ========================  =============================================
-flux2-klein    ``Flux2KleinPipeline``    Qwen3 text encoder + Qwen2 BPE tokenizer,
-                                         ``Flux2Transformer2DModel``, ``AutoencoderKLFlux2``
-flux1-dev      ``FluxImg2ImgPipeline``   CLIP + T5 text encoders and tokenizers,
-                                         ``FluxTransformer2DModel``, ``AutoencoderKL``
-flux-kontext   ``FluxKontextPipeline``   same classes as flux1-dev, different weights
-=============  ========================  =============================================
+one per model family (``engine/families``: each family's ``build_tiny`` composes the
+component builders below), e.g. FLUX.2 klein (a Qwen3 text encoder + Qwen2 BPE tokenizer,
+``Flux2Transformer2DModel``, ``AutoencoderKLFlux2``) and the FLUX.1 families (CLIP + T5 text
+encoders and tokenizers, ``FluxTransformer2DModel``, ``AutoencoderKL``; Kontext and Fill with
+weights of their own).
 
 Every component has the same class and the same *structure* as the real model (same
 latent channels, same VAE scale factor of 8, same text-encoder hidden layers read by the
@@ -47,22 +43,22 @@ from typing import Any
 
 import torch
 
-__all__ = ["TINY_MODEL_DIRS", "MARKER_NAME", "TINY_BUILD_VERSION", "build_tiny_models"]
+from fluxserve.engine.families.base import Family
 
-#: Folder name under the build root -> diffusers pipeline class stored in that folder.
-TINY_MODEL_DIRS = {
-    "flux2-klein": "Flux2KleinPipeline",
-    "flux1-dev": "FluxImg2ImgPipeline",
-    "flux-kontext": "FluxKontextPipeline",
-}
+__all__ = ["MARKER_NAME", "TINY_BUILD_VERSION", "build_tiny_models", "tiny_families"]
 
 #: File written last into a finished build; its content must equal TINY_BUILD_VERSION.
 MARKER_NAME = ".fluxserve-tiny-complete"
 #: Bump whenever the builders change, so stale builds are rebuilt.
-TINY_BUILD_VERSION = "fluxserve-tiny-v1"
+TINY_BUILD_VERSION = "fluxserve-tiny-v2"
 
-#: Base torch seed per pipeline (Kontext differs from FLUX.1: they are different models).
-_PIPELINE_SEEDS = {"flux2-klein": 1000, "flux1-dev": 2000, "flux-kontext": 3000}
+
+def tiny_families() -> dict[str, Family]:
+    """Folder name under the build root (the family's name) -> family, for every family the
+    registry serves."""
+    from fluxserve.models import DEFAULT_REGISTRY
+
+    return {spec.family.name: spec.family for spec in DEFAULT_REGISTRY.values()}
 
 # In-code corpus for training the tiny tokenizers.
 _CORPUS = [
@@ -91,7 +87,7 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def _flow_match_scheduler() -> Any:
+def flow_match_scheduler() -> Any:
     """The FlowMatchEulerDiscreteScheduler config shipped with FLUX.1 dev/Kontext and FLUX.2 klein.
 
     Both pipeline families pass a resolution-dependent ``mu`` to ``set_timesteps``, which
@@ -304,14 +300,18 @@ def build_flux2_transformer(latent_channels: int, text_hidden_size: int, seed: i
         ).eval()
 
 
-def build_flux1_transformer(latent_channels: int, t5_dim: int, clip_dim: int, seed: int) -> Any:
-    """Tiny ``FluxTransformer2DModel`` (FLUX.1 dev / Kontext: guidance-distilled)."""
+def build_flux1_transformer(
+    latent_channels: int, t5_dim: int, clip_dim: int, seed: int, in_channels: int | None = None
+) -> Any:
+    """Tiny ``FluxTransformer2DModel`` (FLUX.1 dev / Kontext / Fill: guidance-distilled).
+    ``in_channels`` defaults to the packed latents (4 x latent channels); Fill reads more."""
     from diffusers import FluxTransformer2DModel
 
     with _seeded(seed):
         return FluxTransformer2DModel(
             patch_size=1,
-            in_channels=latent_channels * 4,
+            in_channels=in_channels or latent_channels * 4,
+            out_channels=latent_channels * 4,
             num_layers=1,
             num_single_layers=1,
             attention_head_dim=16,
@@ -372,42 +372,26 @@ def build_flux1_vae(seed: int) -> Any:
 
 
 # --------------------------------------------------------------------------------------
-# pipelines
+# shared pipeline components
 # --------------------------------------------------------------------------------------
 
 
-def build_flux2_klein_pipeline(seed: int) -> Any:
-    """Tiny ``Flux2KleinPipeline`` (step-distilled like klein-4B)."""
-    from diffusers import Flux2KleinPipeline
-
-    tokenizer = build_qwen_tokenizer()
-    text_encoder = build_qwen3_text_encoder(len(tokenizer), seed + 1)
-    vae = build_flux2_vae(seed + 2)
-    transformer = build_flux2_transformer(
-        vae.config.latent_channels, text_encoder.config.hidden_size, seed + 3
-    )
-    return Flux2KleinPipeline(
-        scheduler=_flow_match_scheduler(),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
-        is_distilled=True,
-    )
-
-
-def _flux1_components(seed: int) -> dict[str, Any]:
-    """Components shared by the FLUX.1 img2img and Kontext pipelines."""
+def flux1_components(seed: int, *, masked_inputs: bool = False) -> dict[str, Any]:
+    """Components of the FLUX.1-architecture pipelines (FLUX.1, Kontext, Fill). With
+    ``masked_inputs`` (Fill) the transformer also reads the masked image's packed latents and
+    the packed 8x8 mask: 4 x latent channels + 4 x 64 more input channels, as the real model."""
     tokenizer = build_clip_tokenizer()
     tokenizer_2 = build_t5_tokenizer()
     text_encoder = build_clip_text_encoder(tokenizer, seed + 1)
     text_encoder_2 = build_t5_text_encoder(tokenizer_2, seed + 2)
     vae = build_flux1_vae(seed + 3)
+    packed = vae.config.latent_channels * 4
     transformer = build_flux1_transformer(
-        vae.config.latent_channels, text_encoder_2.config.d_model, text_encoder.config.hidden_size, seed + 4
+        vae.config.latent_channels, text_encoder_2.config.d_model, text_encoder.config.hidden_size, seed + 4,
+        in_channels=packed + packed + 4 * 64 if masked_inputs else None,
     )
     return {
-        "scheduler": _flow_match_scheduler(),
+        "scheduler": flow_match_scheduler(),
         "vae": vae,
         "text_encoder": text_encoder,
         "tokenizer": tokenizer,
@@ -418,26 +402,6 @@ def _flux1_components(seed: int) -> dict[str, Any]:
         "feature_extractor": None,
     }
 
-
-def build_flux1_img2img_pipeline(seed: int) -> Any:
-    """Tiny ``FluxImg2ImgPipeline`` standing in for FLUX.1 dev."""
-    from diffusers import FluxImg2ImgPipeline
-
-    return FluxImg2ImgPipeline(**_flux1_components(seed))
-
-
-def build_flux_kontext_pipeline(seed: int) -> Any:
-    """Tiny ``FluxKontextPipeline`` standing in for FLUX.1 Kontext dev."""
-    from diffusers import FluxKontextPipeline
-
-    return FluxKontextPipeline(**_flux1_components(seed))
-
-
-_BUILDERS: dict[str, Callable[[int], Any]] = {
-    "flux2-klein": build_flux2_klein_pipeline,
-    "flux1-dev": build_flux1_img2img_pipeline,
-    "flux-kontext": build_flux_kontext_pipeline,
-}
 
 # --------------------------------------------------------------------------------------
 # on-disk build
@@ -482,11 +446,11 @@ def _quiet_saving() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _build_one(name: str, target: pathlib.Path) -> None:
-    """Build pipeline ``name`` into a temporary sibling of ``target`` and rename it into place."""
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
+def _build_one(family: Family, target: pathlib.Path) -> None:
+    """Build ``family``'s tiny pipeline into a temporary sibling of ``target`` and rename it into place."""
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{family.name}.tmp-", dir=target.parent))
     try:
-        pipeline = _BUILDERS[name](_PIPELINE_SEEDS[name])
+        pipeline = family.build_tiny(family.tiny_seed)
         with _quiet_saving():
             pipeline.save_pretrained(tmp, safe_serialization=True)
         (tmp / MARKER_NAME).write_text(TINY_BUILD_VERSION + "\n", encoding="utf-8")
@@ -517,14 +481,14 @@ def build_tiny_models(root: pathlib.Path) -> dict[str, pathlib.Path]:
     random weights come from a fixed torch seed, so two builds in different folders give
     byte-identical safetensors files.
 
-    Load a folder with ``getattr(diffusers, TINY_MODEL_DIRS[name]).from_pretrained(folder)``.
+    Load a folder with ``getattr(diffusers, family.pipeline).from_pretrained(folder)``.
     """
     root = pathlib.Path(root)
     root.mkdir(parents=True, exist_ok=True)
     folders: dict[str, pathlib.Path] = {}
-    for name in TINY_MODEL_DIRS:
+    for name, family in tiny_families().items():
         target = root / name
         if not _is_complete(target):
-            _build_one(name, target)
+            _build_one(family, target)
         folders[name] = target
     return folders

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from fluxserve.contract import FailedAnswer
 from fluxserve.jobs.status import DeliveryStatus, JobStatus
 from fluxserve.jobs.tables import Job, WebhookDelivery, utcnow
 
@@ -44,7 +45,7 @@ def _silent_since(cutoff: datetime):
 
 def failure_payload(job: Job, message: str) -> dict[str, Any]:
     """ModelsLab's failure webhook body."""
-    return {"status": "failed", "id": job.id, "message": message, "track_id": job.track_id}
+    return FailedAnswer(id=job.id, message=message, track_id=job.track_id).body()
 
 
 class JobStore:
@@ -295,4 +296,4 @@ class JobStore:
         """Init image files still needed by queued or running jobs."""
         with self._sessions() as session:
             params = session.scalars(select(Job.params).where(Job.status.in_(ACTIVE)))
-            return {name for p in params for name in [*p.get("inputs", []), p.get("input_2")] if name}
+            return {name for p in params for name in [*p.get("inputs", []), p.get("input_2"), p.get("mask")] if name}

@@ -1,5 +1,6 @@
 """Which storage a job's images go to: a key's S3 details (set with update_s3, secret key
-encrypted at rest), the server-wide default bucket, or local disk."""
+encrypted at rest, per deploy type), the server-wide default bucket, or local disk only. The
+deploy type of a job is its API path family's (``api.paths``)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from fluxserve.jobs.tables import StorageConfig, utcnow
 from fluxserve.secretbox import SecretBox, SecretBoxError
-from fluxserve.storage.s3 import S3Details
+from fluxserve.storage.base import Storage
+from fluxserve.storage.s3 import S3Details, S3Storage, S3Uploader
 
 DEFAULT_DEPLOY_TYPE = "text_to_image"
-# our API families -> ModelsLab deploy types (a key's details for that type win, else text_to_image)
-DEPLOY_TYPES = {"flux_klein": "flux", "flux": "flux", "realtime": "realtime", "v6_realtime": "realtime",
-                "v6": "image_editing", "v7": "text_to_image"}
 
 
 class StorageUnavailable(RuntimeError):
@@ -23,10 +22,12 @@ class StorageUnavailable(RuntimeError):
 
 
 class StorageConfigs:
-    def __init__(self, sessions: sessionmaker[Session], secrets: SecretBox, default: S3Details | None = None):
+    def __init__(self, sessions: sessionmaker[Session], secrets: SecretBox, default: S3Details | None = None,
+                 uploader: S3Uploader | None = None):
         self._sessions = sessions
         self._secrets = secrets
         self.default = default
+        self.uploader = uploader or S3Uploader()
 
     def put(self, key_id: int, deploy_type: str, details: S3Details) -> StorageConfig:
         """Create or replace the key's details for ``deploy_type``."""
@@ -48,9 +49,10 @@ class StorageConfigs:
             return bool(session.execute(delete(StorageConfig).where(
                 StorageConfig.key_id == key_id, StorageConfig.deploy_type == deploy_type)).rowcount)
 
-    def for_job(self, key_id: int, server: str) -> dict[str, Any] | None:
-        """The storage decision recorded in a new job's params (None: local disk)."""
-        wanted = [DEPLOY_TYPES.get(server, DEFAULT_DEPLOY_TYPE), DEFAULT_DEPLOY_TYPE]
+    def for_job(self, key_id: int, deploy_type: str | None) -> dict[str, Any] | None:
+        """The storage decision recorded in a new job's params (None: local disk): the key's
+        details for the job's deploy type, else for text_to_image, else the server default."""
+        wanted = [deploy_type or DEFAULT_DEPLOY_TYPE, DEFAULT_DEPLOY_TYPE]
         with self._sessions() as session:
             rows = {row.deploy_type: row for row in session.scalars(
                 select(StorageConfig).where(StorageConfig.key_id == key_id, StorageConfig.deploy_type.in_(wanted)))}
@@ -60,6 +62,13 @@ class StorageConfigs:
         if self.default is not None:
             return {"config_id": None, "public_url": self.default.public_url}
         return None
+
+    def storage(self, remote: dict[str, Any]) -> Storage:
+        """Where a job that recorded ``remote`` (``for_job``) keeps its images."""
+        return S3Storage(self.details(remote), self.uploader)
+
+    def for_details(self, details: S3Details) -> Storage:
+        return S3Storage(details, self.uploader)
 
     def details(self, remote: dict[str, Any]) -> S3Details:
         """The S3 details a job recorded (decrypting the secret)."""

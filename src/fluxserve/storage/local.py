@@ -1,4 +1,4 @@
-"""Output files on local disk, served over HTTP by the API under ``/outputs/``."""
+"""Files on local disk, served over HTTP by the API under ``/outputs/`` (a ``Storage``)."""
 
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ class LocalStorage:
             return None
         return self.root / name
 
-    def save(self, name: str, data: bytes) -> None:
-        """Write atomically: a reader never sees half a file, a crash leaves no partial one."""
+    def save(self, name: str, data: bytes, content_type: str = "image/png") -> str:
+        """Write atomically: a reader never sees half a file, a crash leaves no partial one.
+        Returns the file's URL."""
         target = self.path_for(name)
         if target is None:
             raise ValueError(f"unsafe output name {name!r}")
@@ -42,9 +43,16 @@ class LocalStorage:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        return self.url_for(name)
 
     def read(self, name: str) -> bytes:
         path = self.path_for(name)
         if path is None:
             raise FileNotFoundError(name)
         return path.read_bytes()
+
+    def check(self) -> None:
+        """The folder exists and is writable."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.root, os.W_OK):
+            raise OSError(f"{self.root} is not writable")

@@ -28,7 +28,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-__all__ = ["S3Details", "S3Uploader", "UploadError"]
+__all__ = ["S3Details", "S3Storage", "S3Uploader", "UploadError"]
 
 NO_BUCKET_MESSAGE = (
     "bucket could not be determined: pass bucket, a virtual-hosted endpoint_url, or image_directory as bucket/prefix"
@@ -347,3 +347,29 @@ def _scrub(text: str, details: S3Details, limit: int = 300) -> str:
             text = text.replace(secret, "***")
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class S3Storage:
+    """One bucket (and prefix) as a ``storage.base.Storage``: uploads verified and retried by the
+    shared ``S3Uploader``; URLs are ``public_url/name``."""
+
+    def __init__(self, details: S3Details, uploader: S3Uploader):
+        self.details = details
+        self.uploader = uploader
+
+    def save(self, name: str, data: bytes, content_type: str = "image/png") -> str:
+        return self.uploader.upload(self.details, name, data, content_type)
+
+    def url_for(self, name: str) -> str:
+        return self.details.url_for(name)
+
+    def read(self, name: str) -> bytes:
+        try:
+            answer = self.uploader.client(self.details).get_object(Bucket=self.details.bucket, Key=self.details.key_for(name))
+            return answer["Body"].read()
+        except Exception as exc:  # noqa: BLE001 - missing or unreachable: the caller treats both alike
+            raise FileNotFoundError(f"s3://{self.details.bucket}/{self.details.key_for(name)}: "
+                                    f"{_reason(exc, self.details)}") from None
+
+    def check(self) -> None:
+        self.uploader.check(self.details)

@@ -1,0 +1,147 @@
+"""Finishing jobs: the safety check, PNG encoding, storing (local disk, and the job's bucket when
+it has one), and the one write that records the outcome. Runs on a thread of its own
+(``FinisherThread``) so that the worker generates the next job meanwhile."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any, Protocol
+
+from PIL import Image
+
+from fluxserve.contract import SuccessAnswer
+from fluxserve.engine.errors import JobAborted, ModelLoadError
+from fluxserve.jobs.store import JobStore
+from fluxserve.jobs.tables import Job, utcnow
+from fluxserve.png_encoding import encode_png
+from fluxserve.storage.configs import StorageConfigs, StorageUnavailable
+from fluxserve.storage.local import LocalStorage
+from fluxserve.storage.s3 import UploadError
+from fluxserve.worker.messages import Outcome
+from fluxserve.worker.prepare import PreparedJob
+
+log = logging.getLogger(__name__)
+
+OOM_MESSAGE = ("Out of GPU memory while generating; the memory was released. "
+               "Try fewer samples or a smaller size, or retry when the server is less busy.")
+
+
+class Safety(Protocol):
+    def filter(self, images: list[Image.Image]) -> tuple[list[Image.Image], list[float], bool]: ...
+
+
+class MemoryEngine(Protocol):
+    def is_out_of_memory(self, exc: BaseException) -> bool: ...
+    def release_memory(self) -> None: ...
+
+
+class FinisherThread:
+    """Runs finishing tasks in order on one thread. At most one task waits behind the one in
+    progress (``put`` blocks), so generated images never pile up in memory."""
+
+    def __init__(self) -> None:
+        self._tasks: "queue.Queue[Callable[[], None] | None]" = queue.Queue(maxsize=1)
+        self._thread = threading.Thread(target=self._run, name="fluxserve-finisher", daemon=True)
+        self._thread.start()
+
+    def put(self, task: Callable[[], None]) -> None:
+        self._tasks.put(task)
+
+    def close(self) -> None:
+        """Finish what was handed over, then stop."""
+        self._tasks.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            try:
+                task()
+            except Exception:  # noqa: BLE001 - tasks record their own failures; never die
+                log.exception("finishing jobs failed")
+
+
+class ResultWriter:
+    """Records how jobs ended: ``succeed`` (check, encode, store, commit) or ``fail``."""
+
+    def __init__(self, jobs: JobStore, outputs: LocalStorage, safety: Safety, engine: MemoryEngine,
+                 storage_configs: StorageConfigs | None, retention_seconds: float):
+        self.jobs = jobs
+        self.outputs = outputs
+        self.safety = safety
+        self.engine = engine
+        self.storage_configs = storage_configs
+        self.retention_seconds = retention_seconds
+        self._encoders = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="png")
+
+    def close(self) -> None:
+        self._encoders.shutdown(wait=True)
+
+    def succeed(self, prepared: PreparedJob, images: list[Image.Image], started: float) -> float | None:
+        """Safety check, store (and upload), and record the success exactly once. Returns the
+        generation time, or None if the job was no longer ours."""
+        job, params, meta = prepared.job, prepared.params, prepared.meta
+        # PNGs are encoded on the encoder threads (the codec releases the GIL) while the safety
+        # checker scores the same images here: a flagged image's PNG is replaced by the blank's
+        encoding = [self._encoders.submit(encode_png, image) for image in images]
+        nsfw = False
+        if params.safety_checker:
+            checked, scores, nsfw = self.safety.filter(images)
+            meta["nsfw_scores"] = [round(score, 4) for score in scores]
+            pngs = [future.result() if kept is image else encode_png(kept)
+                    for future, image, kept in zip(encoding, images, checked)]
+        else:
+            pngs = [future.result() for future in encoding]
+        names = job.output_names()
+        for name, png in zip(names, pngs):
+            self.outputs.save(name, png)  # same names on a retry: one set of files
+        output_urls = None
+        if params.remote:
+            if self.storage_configs is None:
+                raise StorageUnavailable("Upload failed: this worker has no S3 support configured")
+            remote = self.storage_configs.storage(params.remote)  # any failure fails the job: never a silent drop
+            output_urls = [remote.save(name, png) for name, png in zip(names, pngs)]
+        elapsed = time.perf_counter() - started
+        links = output_urls or [self.outputs.url_for(name) for name in names]
+        webhook = SuccessAnswer(id=job.id, output=links, proxy_links=links, generationTime=round(elapsed, 4),
+                                nsfw_content_detected=nsfw, meta=meta)
+        finished = self.jobs.succeed(
+            job.id, job.claim_token, outputs=names, nsfw_detected=nsfw, generation_time=elapsed, meta=meta,
+            expires_at=utcnow() + timedelta(seconds=self.retention_seconds),
+            webhook_payload={**webhook.body(), "track_id": job.track_id}, output_urls=output_urls,
+        )
+        if not finished:
+            log.warning("job %s was no longer ours when it finished; result left to its new owner", job.id)
+            return None
+        return elapsed
+
+    def guarded(self, job: Job, run: Callable[[], float | None]) -> tuple[Outcome, float | None]:
+        """Run one job's finishing work; every failure becomes that job's recorded failure."""
+        try:
+            generation_time = run()
+        except Exception as exc:  # noqa: BLE001 - the job fails with a message, the worker lives
+            return self.fail(job, exc)
+        return (Outcome.SUCCEEDED if generation_time is not None else Outcome.LOST), generation_time
+
+    def fail(self, job: Job, exc: Exception) -> tuple[Outcome, None]:
+        """Record ``exc`` as the job's failure (or nothing, if the job is no longer ours)."""
+        if isinstance(exc, JobAborted):
+            log.warning("job %s: claim lost mid-run; its new owner will finish it", job.id)
+            return Outcome.LOST, None
+        self.jobs.fail(job.id, job.claim_token, self.failure_message(job, exc))
+        return Outcome.FAILED, None
+
+    def failure_message(self, job: Job, exc: Exception) -> str:
+        if isinstance(exc, (ModelLoadError, StorageUnavailable, UploadError)):
+            return str(exc)  # written for the client
+        if self.engine.is_out_of_memory(exc):
+            self.engine.release_memory()
+            return OOM_MESSAGE
+        log.exception("job %s failed", job.id, exc_info=exc)
+        return f"Generation failed: {type(exc).__name__}: {exc}"

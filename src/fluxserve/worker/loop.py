@@ -1,0 +1,274 @@
+"""The worker's loop: claim queued jobs from the store (several compatible ones as a batch),
+prepare them, generate, hand the images to the finisher thread, take commands between jobs,
+report what happens.
+
+The store is the worker's only contract with the API, so the worker can run as a thread in the
+server or in its own process (``fluxserve.supervisor``). It holds the engine through the
+``Engine`` protocol below (``engine.runner.Engine`` in production, a fake in unit tests), so this
+package never imports torch.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from PIL import Image
+
+from fluxserve.engine.families.base import Inputs
+from fluxserve.jobs.store import JobStore
+from fluxserve.jobs.tables import Job
+from fluxserve.models import ModelSpec, Registry
+from fluxserve.params import JobParams
+from fluxserve.storage.configs import StorageConfigs
+from fluxserve.storage.local import LocalStorage
+from fluxserve.worker.claim import Claim
+from fluxserve.worker.config import WorkerConfig
+from fluxserve.worker.finish import FinisherThread, ResultWriter, Safety
+from fluxserve.worker.messages import (
+    Command, JobFinished, JobStarted, NullSink, Outcome, Sink, StatusReport,
+)
+from fluxserve.worker.prepare import Preparer
+
+STATUS_EVERY_SECONDS = 5.0
+STATUS_IDLE_SECONDS = 0.05
+log = logging.getLogger(__name__)
+
+
+class Engine(Protocol):
+    device: str
+
+    def load(self, spec: ModelSpec) -> None: ...
+    def pipeline(self, spec: ModelSpec) -> Any: ...
+    def generate(self, spec: ModelSpec, params: JobParams, inputs: Inputs,
+                 progress: Callable[[int, int], None] | None = None) -> list[Image.Image]: ...
+    def generate_batch(self, spec: ModelSpec, jobs: list[JobParams],
+                       progress: Callable[[int, int], None] | None = None) -> list[list[Image.Image]]: ...
+    def loaded(self) -> list[str]: ...
+    def clear(self) -> None: ...
+    def release_memory(self) -> None: ...
+    def is_out_of_memory(self, exc: BaseException) -> bool: ...
+    def status(self) -> dict[str, Any]: ...
+
+
+def _queue_time(job: Job) -> float:
+    return max(0.0, (job.started_at - job.created_at).total_seconds()) if job.started_at else 0.0
+
+
+Finish = Callable[[], float | None]
+
+
+class Worker:
+    def __init__(
+        self, *, registry: Registry, jobs: JobStore, engine: Engine, safety: Safety, outputs: LocalStorage,
+        inputs: LocalStorage, config: WorkerConfig | None = None, sink: Sink | None = None,
+        commands: "queue.Queue[Command] | Any" = None, storage_configs: StorageConfigs | None = None,
+        enhancer: Any = None,
+    ):
+        self.config = config or WorkerConfig()
+        self.registry = registry
+        self.jobs = jobs
+        self.engine = engine
+        self.sink = sink or NullSink()
+        self.commands = commands if commands is not None else queue.Queue()
+        self.preparer = Preparer(registry, inputs, engine, enhancer)
+        self.results = ResultWriter(jobs, outputs, safety, engine, storage_configs, self.config.retention_seconds)
+        self._finisher = FinisherThread()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_recovery = 0.0
+        self._status_due = False  # a job ran since the last status report
+        self._last_status = 0.0
+        self._reported_models: list[str] = []
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run the loop in a daemon thread (thread mode)."""
+        self._thread = threading.Thread(target=self.run, name="fluxserve-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self.commands.put(Command.STOP)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def run(self) -> None:
+        """Claim and run jobs until told to stop."""
+        self.report_status()
+        while not self._stopping.is_set():
+            self._recover_stale()
+            try:
+                job = self.jobs.claim_next()
+            except Exception:  # noqa: BLE001 - a store hiccup must not kill the worker
+                log.exception("claiming a job failed")
+                job = None
+            if job is not None:
+                batch = self._gather_batch(job)
+                self.process_batch(batch) if len(batch) > 1 else self.process(job)
+                self._drain_commands()
+            else:
+                self._wait_for_work()
+        self._finisher.close()
+        self.results.close()
+
+    def _gather_batch(self, job: Job) -> list[Job]:
+        """Dynamic batching (off at max_batch_size 1): wait briefly for compatible jobs, claim them."""
+        if self.config.max_batch_size <= 1 or not job.batch_key:
+            return [job]
+        if self.config.batch_wait_seconds > 0:
+            time.sleep(self.config.batch_wait_seconds)
+        try:
+            return [job] + self.jobs.claim_compatible(job.batch_key, self.config.max_batch_size - 1)
+        except Exception:  # noqa: BLE001 - batching is an optimisation; the claimed job still runs
+            log.exception("claiming a batch failed")
+            return [job]
+
+    # -- commands and status --------------------------------------------------------------------
+    def _wait_for_work(self) -> None:
+        try:
+            command = self.commands.get(
+                timeout=STATUS_IDLE_SECONDS if self._status_due else self.config.idle_poll_seconds)
+        except queue.Empty:
+            if self._status_due:
+                self.report_status()
+            return
+        self._handle(command)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            self._handle(command)
+
+    def _handle(self, command: Command | str) -> None:
+        command = Command(command)
+        if command is Command.STOP:
+            self._stopping.set()
+        elif command is Command.CLEAR_CACHE:
+            self.engine.clear()
+            gc.collect()
+            self.report_status()
+        elif command is Command.STATUS:
+            self.report_status()
+        # WAKE needs no action: returning from the wait is the point
+
+    def _status_after_job(self) -> None:
+        """Status (loaded models, memory, residency) is for system_details, not for the waiting
+        requests: walking every tensor of the resident pipelines holds the GIL for milliseconds
+        that the event loop would spend answering. So under load it is reported at most every
+        STATUS_EVERY_SECONDS, and otherwise once the worker has had no work for
+        STATUS_IDLE_SECONDS (by then the last answers have gone out)."""
+        self._status_due = True
+        changed = self.engine.loaded() != self._reported_models  # a model was loaded or evicted
+        if changed or time.monotonic() - self._last_status >= STATUS_EVERY_SECONDS:
+            self.report_status()
+
+    def report_status(self) -> None:
+        self._status_due, self._last_status = False, time.monotonic()
+        try:
+            status = self.engine.status()
+            self._reported_models = list(status.get("models_loaded", []))
+            self.sink.report(StatusReport(**status))
+        except Exception:  # noqa: BLE001 - status is best-effort
+            log.debug("status report failed", exc_info=True)
+
+    def _recover_stale(self) -> None:
+        now = time.monotonic()
+        if now - self._last_recovery < min(self.config.lease_seconds / 3, 5.0):
+            return
+        self._last_recovery = now
+        try:
+            requeued, failed = self.jobs.recover_stale(self.config.lease_seconds, self.config.max_attempts)
+        except Exception:  # noqa: BLE001
+            log.exception("recovering stale jobs failed")
+            return
+        if requeued or failed:
+            log.warning("recovered jobs of a stopped worker: requeued %s, failed %s", requeued, failed)
+        for job_id in failed:
+            self.sink.report(JobFinished(job_id, Outcome.FAILED))
+
+    # -- one job, or a batch of compatible ones ----------------------------------------------
+    def process(self, job: Job) -> None:
+        """Generate now; finish (safety, PNG, store, commit) on the finisher thread."""
+        self.sink.report(JobStarted(job.id, job.claim_token))
+        self._run_one(job, Claim(self.jobs, job, self.config.heartbeat_seconds).start())
+
+    def process_batch(self, jobs: list[Job]) -> None:
+        """Compatible jobs in one pipeline call; if that call fails, each job runs alone (so one
+        bad job or an out-of-memory batch costs no other job its result)."""
+        for job in jobs:
+            self.sink.report(JobStarted(job.id, job.claim_token))
+        claims = [Claim(self.jobs, job, self.config.heartbeat_seconds).start() for job in jobs]
+        try:
+            finishes = self._generate_batch(jobs, claims)
+        except Exception:  # noqa: BLE001 - retried one by one below
+            log.warning("batch of jobs %s failed; running them one by one", [j.id for j in jobs], exc_info=True)
+            self.engine.release_memory()
+            for job, claim in zip(jobs, claims):
+                self._run_one(job, claim)
+            return
+        self._finish_later(list(zip(jobs, claims, finishes)))
+
+    def _run_one(self, job: Job, claim: Claim) -> None:
+        try:
+            finish = self._generate_solo(job, claim)
+        except Exception as exc:  # noqa: BLE001 - recorded as the job's failure, here, before the next job
+            self._conclude([(job, claim)], lambda error=exc: [self.results.fail(job, error)])
+            return
+        self._finish_later([(job, claim, finish)])
+
+    def _generate_solo(self, job: Job, claim: Claim) -> Finish:
+        """Generate one job's images; returns the step that finishes it."""
+        prepared = self.preparer.prepare(job)
+        self.engine.load(prepared.spec)  # load outside the timed section: generationTime is generation
+        started = time.perf_counter()
+        images = self.engine.generate(prepared.spec, prepared.params, prepared.inputs, progress=claim.progress)
+        return lambda: self.results.succeed(prepared, images, started)
+
+    def _generate_batch(self, jobs: list[Job], claims: list[Claim]) -> list[Finish]:
+        prepared = [self.preparer.prepare(job) for job in jobs]
+        spec = prepared[0].spec
+        self.engine.load(spec)
+        started = time.perf_counter()
+
+        def progress(step: int, total: int) -> None:
+            for claim in claims:
+                claim.progress(step, total)
+
+        batches = self.engine.generate_batch(spec, [p.params for p in prepared], progress=progress)
+        finishes: list[Finish] = []
+        for one, images in zip(prepared, batches):
+            one.meta["batch_size"] = len(jobs)  # shared a pipeline call with this many jobs
+            finishes.append(lambda one=one, images=images: self.results.succeed(one, images, started))
+        return finishes
+
+    def _finish_later(self, items: list[tuple[Job, Claim, Finish]]) -> None:
+        self._finisher.put(lambda: self._conclude(
+            [(job, claim) for job, claim, _ in items],
+            lambda: [self.results.guarded(job, finish) for job, _, finish in items]))
+
+    def _conclude(self, jobs: list[tuple[Job, Claim]],
+                  record: Callable[[], list[tuple[Outcome, float | None]]]) -> None:
+        """Jobs are over: ``record`` writes how each ended (finished, failed or lost); their
+        heartbeats stop (even if that write failed: the lease then requeues them); they are
+        reported."""
+        try:
+            results = record()
+        finally:
+            for _, claim in jobs:
+                claim.stop()
+        for (job, _), (outcome, generation_time) in zip(jobs, results):
+            self.sink.report(JobFinished(job.id, outcome, generation_time, _queue_time(job)))
+        self._status_after_job()
+
