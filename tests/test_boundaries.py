@@ -1,4 +1,5 @@
-"""The layering rules: HTTP code never imports torch; engine code never imports the web framework."""
+"""The layering rules: HTTP code (and the settings) never imports torch; engine code never imports the web
+framework."""
 
 from __future__ import annotations
 
@@ -22,3 +23,9 @@ def test_engine_does_not_import_the_web_framework():
     loaded = _imports("fluxserve.engine.generate, fluxserve.engine.loading, fluxserve.engine.tiny, fluxserve.worker")
     assert "torch" in loaded
     assert not loaded & {"fastapi", "starlette", "uvicorn"}
+
+
+def test_settings_do_not_import_torch():
+    """The HTTP process builds and checks the settings (optimization grammar, sizes) without torch."""
+    loaded = _imports("fluxserve.config, fluxserve.engine.switches, fluxserve.units")
+    assert not loaded & {"torch", "diffusers", "transformers"}

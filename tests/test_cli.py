@@ -147,6 +147,41 @@ def test_models_list_tiny_points_at_the_tiny_folders_without_building(cli, tmp_p
     assert not (tmp_path / "tiny-models").exists()  # listing builds nothing
 
 
+# -- refused settings -------------------------------------------------------------------------------
+def test_a_refused_setting_ends_keys_and_models_commands_with_one_line_per_problem(cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("FLUXSERVE_DEVICE", "gpu")
+    result = cli("keys", "create", "team-a")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == "FLUXSERVE_DEVICE: unknown device 'gpu'; use auto, cpu, cuda, cuda:N (e.g. cuda:1) or mps"
+    assert result.stdout == "" and not (tmp_path / "fluxserve.db").exists()
+    monkeypatch.delenv("FLUXSERVE_DEVICE")
+    listed = cli("models", "list", "--models", "tinny")
+    assert listed.exit_code == 2, listed.output
+    assert listed.stderr.strip() == "FLUXSERVE_MODELS (--models): Input should be 'real' or 'tiny'"
+
+
+def test_fluxserve_serve_refuses_a_typo_before_starting_anything(tmp_path):
+    """FLUXSERVE_OPTIMIZATIONS=compil used to pass the settings and fail only inside the spawned
+    worker, which the supervisor restarted forever."""
+    command = Path(sys.executable).parent / "fluxserve"
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    env = {name: value for name, value in os.environ.items() if not name.startswith("FLUXSERVE_")}
+    env.update(FLUXSERVE_OPTIMIZATIONS="compil", FLUXSERVE_GPU_MEMORY_BUDGET="20GiB")
+    started = time.monotonic()
+    done = subprocess.run(
+        [str(command), "serve", "--models", "tiny", "--port", str(free_port()), "--data-dir", str(data_dir)],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert time.monotonic() - started < 20  # no worker, no model build: just the settings
+    assert done.stderr.splitlines() == [
+        "FLUXSERVE_OPTIMIZATIONS: unknown optimization 'compil'; known: all, attention, attention_backend, bf16, "
+        "bf16_everywhere, bf16_force, cache, channels_last, channels_last_vae, compile, compile_dynamic, default, "
+        "force_bf16, fp8, none, prompt_cache, prompt_cache_size, truncate, truncate_text_encoder"]
+    assert list(data_dir.iterdir()) == []  # no database, no secret key, no tiny models
+
+
 # -- the real command --------------------------------------------------------------------------------
 def test_fluxserve_serve_subprocess_end_to_end(tmp_path, tiny_root):
     command = Path(sys.executable).parent / "fluxserve"

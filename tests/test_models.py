@@ -31,8 +31,13 @@ def test_overrides_and_tiny_sources(tmp_path):
     assert tiny.get(FLUX1).source == str(tmp_path / "flux1-dev")
     with pytest.raises(ValueError, match="unknown fields"):
         Registry.build({KLEIN: {"colour": "red"}})
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(ValueError, match="unknown model 'sdxl'; known: flux, flux-fill, flux-klein"):
         Registry.build({"sdxl": {"steps": 3}})
+    for fields, message in (({"steps": 2.5}, "steps must be a whole number"), ({"guidance": "4"}, "guidance must be a number"),
+                            ({"source": 7}, "source must be a string"), ({"steps": True}, "whole number")):
+        with pytest.raises(ValueError, match=message):
+            Registry.build({FLUX1: fields})
+    assert Registry.build({FLUX1: {"guidance": 4}}).get(FLUX1).guidance == 4
 
 
 def test_overrides_come_from_the_environment(monkeypatch):

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
-from fluxserve.config import Settings
+from fluxserve.config import Settings, settings_problems
 
 app = typer.Typer(help="fluxserve: self-hosted image generation that speaks the ModelsLab API.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage API keys (stored hashed).", no_args_is_help=True)
@@ -21,11 +23,26 @@ DataDir = Annotated[Optional[Path], typer.Option(help="Data directory [env FLUXS
 DatabaseUrl = Annotated[Optional[str], typer.Option(help="SQLAlchemy URL [env FLUXSERVE_DATABASE_URL].")]
 
 
-def _settings(env_file: Path | None = None, **overrides) -> Settings:
-    """Flags over environment over the env file (FLUXSERVE_ENV_FILE) over defaults."""
+def _load_settings(env_file: Path | None = None, **overrides) -> Settings:
+    """Flags over environment over the env file (FLUXSERVE_ENV_FILE) over defaults; raises
+    ValidationError for a refused setting."""
     env_file = env_file or os.environ.get("FLUXSERVE_ENV_FILE") or None
     given = {name: value for name, value in overrides.items() if value is not None}
     return Settings(_env_file=env_file, **given) if env_file else Settings(**given)
+
+
+def _settings(env_file: Path | None = None, **overrides) -> Settings:
+    """:func:`_load_settings` for a command: a refused setting ends it before it does anything,
+    with one line per problem naming the variable (and the flag, ``overrides`` being the
+    command's flags) on stderr, and status 2."""
+    try:
+        return _load_settings(env_file, **overrides)
+    except ValidationError as exc:
+        for line in settings_problems(exc, flags=overrides):
+            typer.echo(line, err=True)
+    except SettingsError as exc:  # a source pydantic-settings could not read at all
+        typer.echo(f"configuration: {exc}", err=True)
+    raise typer.Exit(2)
 
 
 def _key_store(data_dir: Path | None, database_url: str | None):
@@ -49,15 +66,17 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
 ) -> None:
     """Run the API server with its GPU worker (embedded default: SQLite + local disk)."""
+    flags = dict(host=host, port=port, models=models, data_dir=data_dir, database_url=database_url,
+                 public_base_url=public_base_url, worker=worker)
+    settings = _settings(env_file, **flags)  # first: a refused setting starts nothing
+
     import uvicorn
 
     from fluxserve.runtime import build_server_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    flags = dict(host=host, port=port, models=models, data_dir=data_dir, database_url=database_url,
-                 public_base_url=public_base_url, worker=worker)
-    settings = _settings(env_file, **flags)
-    app_ = build_server_app(settings, reload_settings=lambda: _settings(env_file, **flags))
+    # update_server reports a refused setting itself (400, nothing changed)
+    app_ = build_server_app(settings, reload_settings=lambda: _load_settings(env_file, **flags))
     if not _key_store(settings.data_dir, settings.database_url).list():
         logging.getLogger("fluxserve").warning("no API keys yet: create one with `fluxserve keys create NAME`")
     uvicorn.run(app_, host=settings.host, port=settings.port, log_level=log_level)

@@ -1,17 +1,42 @@
 """All configuration in one place: environment variables with the FLUXSERVE_ prefix,
-overridable by CLI flags. Paths left unset are derived from ``data_dir``."""
+overridable by CLI flags. Paths left unset are derived from ``data_dir``.
+
+Every free-text setting is checked here, when the settings are built (``serve`` builds them
+before it starts anything, ``update_server`` before it changes anything): a typo is a
+``pydantic.ValidationError`` naming the field (:func:`settings_problems` turns it into one line
+per problem naming the variable), never a worker that fails at start and is restarted forever.
+The checks use the engine's own parsers from torch-free modules (``engine.switches``,
+``units``, ``models``, ``fetching``): the HTTP process never imports torch.
+
+JSON settings (``model_overrides``, ``s3_default``, ``compile_warm_sizes``, ``cors_origins``,
+``fetch_allow``) are decoded here rather than by pydantic-settings, so that bad JSON is reported
+like any other problem; an empty variable means the default.
+"""
 
 from __future__ import annotations
 
+import inspect
+import json
+import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from fluxserve.engine.switches import Optimizations
+from fluxserve.models import Registry
+from fluxserve.units import parse_bytes
+
+ENV_PREFIX = "FLUXSERVE_"
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(?::\d+)?")
+MAX_WARM_SIZE = 2048
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FLUXSERVE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     data_dir: Path = Field(Path("data"), description="Holds the SQLite file, inputs, outputs, tiny models.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite file in data_dir.")
@@ -21,11 +46,11 @@ class Settings(BaseSettings):
         None, description="Base of the URLs handed to clients (set it behind a proxy)."
     )
     models: Literal["real", "tiny"] = "real"
-    model_overrides: dict[str, dict[str, Any]] = Field(
+    model_overrides: Annotated[dict[str, dict[str, Any]], NoDecode] = Field(
         default_factory=dict,
         description='JSON, e.g. {"flux-kontext-dev": {"source": "/models/kontext", "steps": 24}}.',
     )
-    device: str = Field("auto", description="auto | cuda | cuda:N | cpu")
+    device: str = Field("auto", description="auto | cuda | cuda:N | cpu | mps")
     gpu_memory_budget: str = Field(
         "auto", description='Bytes of accelerator memory for model weights ("auto", "20GiB", ...); LRU eviction beyond.'
     )
@@ -36,7 +61,7 @@ class Settings(BaseSettings):
         "", description='Engine switches on top of the defaults, e.g. "compile,fp8,attention=_native_cudnn" '
         '(defaults: bf16 on CUDA, truncated Qwen3, prompt cache, channels_last VAE, best attention); "none" for none.'
     )
-    compile_warm_sizes: list[int] = Field(default_factory=lambda: [512, 1024], description="Sizes warmed at load when compiling.")
+    compile_warm_sizes: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [512, 1024], description="Sizes warmed at load when compiling.")
     max_batch_size: int = Field(1, ge=1, le=16, description="Compatible text-to-image jobs run in one call (1: off).")
     batch_wait_seconds: float = Field(0.02, ge=0, le=1, description="How long a batch waits for companions.")
     sync_wait_seconds: float = Field(
@@ -60,8 +85,8 @@ class Settings(BaseSettings):
     body_timeout_seconds: float = Field(30.0, gt=0, description="Time a client gets to send its whole body.")
     rate_limit_per_key: str = Field("600/minute", description='Requests per key ("" for none), limits syntax.')
     rate_limit_per_address: str = Field("1200/minute", description="Requests per client address under /api/.")
-    cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS (off when empty).")
-    fetch_allow: list[str] = Field(
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Origins allowed by CORS (off when empty).")
+    fetch_allow: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description='Hosts or CIDRs that init images and webhooks may reach although private, e.g. ["10.0.0.0/8"].',
     )
@@ -69,7 +94,7 @@ class Settings(BaseSettings):
     secret_key: str | None = Field(
         None, description="Encrypts stored S3 secrets; default: generated once into data_dir/secret.key."
     )
-    s3_default: dict[str, Any] | None = Field(
+    s3_default: Annotated[dict[str, Any] | None, NoDecode] = Field(
         None, description="Server-wide bucket, update_s3 fields as JSON: public_url, endpoint_url, region_name, "
         "aws_access_key_id, aws_secret_access_key, image_directory (or bucket).",
     )
@@ -90,10 +115,108 @@ class Settings(BaseSettings):
             connect_timeout=min(5.0, self.init_image_timeout_seconds), read_timeout=self.init_image_timeout_seconds,
         )
 
+    def s3_default_details(self):
+        """The server-wide bucket as ``storage.s3.S3Details``, or None when unset."""
+        return _s3_details(self.s3_default) if self.s3_default else None
+
+    # -- checks (each raises ValueError with a message for the operator) --------------------
+
+    @field_validator("model_overrides", "s3_default", "compile_warm_sizes", "cors_origins", "fetch_allow", mode="before")
+    @classmethod
+    def _decode_json(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, str):
+            return value
+        if not value.strip():
+            return cls.model_fields[info.field_name].get_default(call_default_factory=True)
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON ({exc})") from None
+
     @field_validator("public_base_url")
     @classmethod
-    def _strip_slash(cls, value: str | None) -> str | None:
-        return value.rstrip("/") if value else value
+    def _check_public_base_url(cls, value: str | None) -> str | None:
+        if not value:
+            return value
+        _http_url_parts(value, "a http(s) URL such as https://images.example.com (a path is allowed)")
+        return value.rstrip("/")
+
+    @field_validator("optimizations")
+    @classmethod
+    def _check_optimizations(cls, value: str) -> str:
+        """The engine's own grammar (``Optimizations.from_strings``): unknown switch names and bad
+        values are refused with the known names. Attention backends are checked for their form
+        only: which names diffusers knows cannot be asked without importing diffusers, hence
+        torch, which the HTTP process never does; the engine reports a well-formed unknown
+        backend as unavailable (with the known names) and goes on without it."""
+        Optimizations.from_strings(value)
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        device = value.strip().lower()
+        if not _DEVICE.fullmatch(device):
+            raise ValueError(f"unknown device {value!r}; use auto, cpu, cuda, cuda:N (e.g. cuda:1) or mps")
+        return device
+
+    @field_validator("gpu_memory_budget")
+    @classmethod
+    def _check_budget(cls, value: str) -> str:
+        parse_bytes(value)  # the parser the engine uses
+        return value
+
+    @field_validator("model_overrides")
+    @classmethod
+    def _check_overrides(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        Registry.build(value)  # its checks: known models, overridable fields, their types
+        return value
+
+    @field_validator("s3_default")
+    @classmethod
+    def _check_s3_default(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value:
+            _s3_details(value)  # builds the details only: connects nowhere
+        return value
+
+    @field_validator("fetch_allow")
+    @classmethod
+    def _check_fetch_allow(cls, value: list[str]) -> list[str]:
+        from fluxserve.fetching import FetchPolicy
+
+        FetchPolicy.from_strings(value)  # each entry a host name or an IP address / CIDR
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_cors_origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin == "*":
+                continue
+            parts = _http_url_parts(origin, "an origin such as https://app.example.com[:port], or *", what="origin")
+            if parts.path:
+                raise ValueError(f"origin {origin!r} must not have a path (not even a trailing /): browsers send scheme://host[:port]")
+        return value
+
+    @field_validator("rate_limit_per_key", "rate_limit_per_address")
+    @classmethod
+    def _check_rate_limit(cls, value: str) -> str:
+        if value:
+            from limits import parse
+
+            try:
+                parse(value)
+            except ValueError:
+                raise ValueError(f"not a rate limit: {value!r} (e.g. 600/minute, 10/second; \"\" for none)") from None
+        return value
+
+    @field_validator("compile_warm_sizes")
+    @classmethod
+    def _check_warm_sizes(cls, value: list[int]) -> list[int]:
+        for size in value:
+            if not 8 <= size <= MAX_WARM_SIZE or size % 8:
+                raise ValueError(f"warm size {size} must be a multiple of 8 from 8 to {MAX_WARM_SIZE}")
+        return value
 
     @property
     def base_url(self) -> str:
@@ -114,3 +237,57 @@ class Settings(BaseSettings):
     @property
     def tiny_models_dir(self) -> Path:
         return self.data_dir / "tiny-models"
+
+
+def _http_url_parts(value: str, expected: str, what: str = "URL"):
+    """``urlsplit(value)`` when it is a http(s) URL with a host and no credentials, query or fragment."""
+    try:
+        parts = urlsplit(value.strip())
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ValueError(f"{what} {value!r} is not valid; expected {expected}") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{what} {value!r} is not valid; expected {expected}")
+    if "@" in parts.netloc or parts.query or parts.fragment:
+        raise ValueError(f"{what} {value!r} must not have credentials, a query or a fragment")
+    return parts
+
+
+def _s3_details(fields: dict[str, Any]):
+    """``S3Details.from_modelslab`` for the update_s3 fields of ``s3_default`` (which connects
+    nowhere), with unknown, missing and non-text fields named instead of a TypeError."""
+    from fluxserve.storage.s3 import S3Details
+
+    accepted = inspect.signature(S3Details.from_modelslab).parameters
+    unknown = sorted(set(fields) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown fields {unknown}; accepted: {', '.join(accepted)}")
+    missing = sorted(name for name, p in accepted.items() if p.default is inspect.Parameter.empty and name not in fields)
+    if missing:
+        raise ValueError(f"missing fields {missing}")
+    not_text = sorted(name for name, v in fields.items() if v is not None and not isinstance(v, str))
+    if not_text:
+        raise ValueError(f"fields {not_text} must be strings")
+    return S3Details.from_modelslab(**{"image_directory": "", **fields})
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a settings field: ``optimizations`` -> ``FLUXSERVE_OPTIMIZATIONS``."""
+    return ENV_PREFIX + field.upper()
+
+
+def settings_problems(error: ValidationError, flags: Iterable[str] = ()) -> list[str]:
+    """One line per problem, naming the variable and, for the fields in ``flags``, the command's
+    flag: ``FLUXSERVE_PORT (--port): Input should be a valid integer``. Values are not repeated
+    (``s3_default`` holds a secret key)."""
+    flags = set(flags)
+    lines = []
+    for item in error.errors(include_url=False, include_input=False):
+        field, *inside = item["loc"] or ("?",)
+        name = env_name(str(field)) + (f" (--{str(field).replace('_', '-')})" if field in flags else "")
+        where = "".join(f"[{part}]" if isinstance(part, int) else f"[{part!r}]" for part in inside)
+        cause = (item.get("ctx") or {}).get("error")
+        message = str(cause) if item["type"] == "value_error" and cause is not None else item["msg"]
+        lines.append(f"{name}: {where + ': ' if where else ''}{message}")
+    return lines
+

@@ -63,7 +63,11 @@ DEFAULT_REGISTRY: dict[str, ModelSpec] = {
     )
 }
 
-_OVERRIDABLE = {"source", "steps", "guidance", "strength", "true_cfg_scale"}
+#: Overridable fields -> the JSON type each must have.
+_OVERRIDABLE: dict[str, tuple[type, ...]] = {
+    "source": (str,), "steps": (int,), "guidance": (int, float), "strength": (int, float),
+    "true_cfg_scale": (int, float),
+}
 
 
 class UnknownModel(KeyError):
@@ -99,13 +103,17 @@ class Registry:
         for name, fields in (overrides or {}).items():
             if not isinstance(fields, dict):
                 raise ValueError(f"model_overrides[{name!r}] must be an object of fields")
-            unknown = set(fields) - _OVERRIDABLE
+            unknown = set(fields) - set(_OVERRIDABLE)
             if unknown:
                 raise ValueError(f"model_overrides[{name!r}]: unknown fields {sorted(unknown)}; "
-                                 f"overridable: {sorted(_OVERRIDABLE)}")
+                                 f"overridable: {', '.join(sorted(_OVERRIDABLE))}")
+            for field, value in fields.items():
+                if isinstance(value, bool) or not isinstance(value, _OVERRIDABLE[field]):
+                    kind = {(str,): "a string", (int,): "a whole number"}.get(_OVERRIDABLE[field], "a number")
+                    raise ValueError(f"model_overrides[{name!r}].{field} must be {kind}, not {value!r}")
             base = specs.get(name)
             if base is None:
-                raise ValueError(f"model_overrides names unknown model {name!r}; known: {sorted(specs)}")
+                raise ValueError(f"model_overrides names unknown model {name!r}; known: {', '.join(sorted(specs))}")
             specs[name] = replace(base, **fields)
         return cls(specs)
 

@@ -26,13 +26,10 @@ def build_storage(settings: Settings, sessions):
     server secret), the server-wide default bucket, local disk."""
     from fluxserve.secretbox import SecretBox, load_or_create_server_secret
     from fluxserve.storage.configs import StorageConfigs
-    from fluxserve.storage.s3 import S3Details, S3Uploader
+    from fluxserve.storage.s3 import S3Uploader
 
     secrets = SecretBox(load_or_create_server_secret(settings.data_dir, settings.secret_key))
-    default = None
-    if settings.s3_default:
-        fields = {"image_directory": "", **settings.s3_default}
-        default = S3Details.from_modelslab(**fields)
+    default = settings.s3_default_details()  # checked when the settings were built
     return StorageConfigs(sessions, secrets, default, S3Uploader(attempts=settings.s3_upload_attempts))
 
 

@@ -93,6 +93,23 @@ def test_update_server_reloads_configuration(admin_server):
         client.post("/api/v1/enterprise/realtime/update", json={"key": admin_server.admin_key})
 
 
+def test_update_server_refuses_a_typo_naming_the_variable_and_changes_nothing(admin_server):
+    with admin_server.client() as client:
+        admin_server.env_file.write_text("FLUXSERVE_MAX_QUEUED_PER_KEY=1\nFLUXSERVE_OPTIMIZATIONS=compil\n"
+                                         'FLUXSERVE_MODEL_OVERRIDES={"flux-klein": {"stpes": 3}}\n')
+        try:
+            response = client.post("/api/v1/enterprise/flux_klein/update_server", json={"key": admin_server.admin_key})
+        finally:
+            admin_server.env_file.write_text("FLUXSERVE_MAX_QUEUED_PER_KEY=10\n")
+        assert response.status_code == 400
+        message = response.json()["message"]
+        assert message.startswith("Configuration is invalid; nothing was changed: FLUXSERVE_MODEL_OVERRIDES: "), message
+        assert "unknown fields ['stpes']" in message
+        assert "; FLUXSERVE_OPTIMIZATIONS: unknown optimization 'compil'; known: " in message
+        # max_queued_per_key=1 was not applied either: re-reading the restored file changes nothing
+        assert client.post("/api/v1/enterprise/flux_klein/update", json={"key": admin_server.admin_key}).json()["applied"] == []
+
+
 def test_health_and_metrics(admin_server):
     with admin_server.client() as client:
         health = client.get("/health").json()

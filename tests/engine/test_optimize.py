@@ -282,6 +282,9 @@ def test_attention_backend_on_cpu(tiny_root):
     # a backend this machine lacks is reported, and the pipeline keeps working
     report = apply(pipeline, only(attention_backend="flash"), device="cpu")
     assert report["attention_backend"].startswith("unavailable: flash")
+    # a well-formed name diffusers does not know passes the (torch-free) settings and is reported here
+    unknown = apply(pipeline, Optimizations.from_strings("none,attention=flsh"), device="cpu")["attention_backend"]
+    assert unknown.startswith("unavailable: unknown attention backend 'flsh'") and "_native_cudnn" in unknown
     assert_valid(generate(pipeline))
     assert _AttentionBackendRegistry.get_active_backend()[0] == before  # no process-wide change
 

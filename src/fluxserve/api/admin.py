@@ -7,10 +7,12 @@ import asyncio
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 
 from fluxserve.api.deps import AdminKey, ServicesDep
 from fluxserve.api.errors import ApiError
 from fluxserve.api.paths import ADMIN_SERVERS
+from fluxserve.config import settings_problems
 from fluxserve.worker.messages import Command
 
 admin = APIRouter(prefix="/api/v1/enterprise", tags=["enterprise admin"])
@@ -97,6 +99,8 @@ async def update_server(server: str, _key: AdminKey, services: ServicesDep) -> d
         from fluxserve.models import Registry
 
         registry = Registry.build(new.model_overrides, tiny_root=old.tiny_models_dir if new.models == "tiny" else None)
+    except ValidationError as exc:  # before ValueError (its base): one "FLUXSERVE_X: why" per problem
+        raise ApiError(400, f"Configuration is invalid; nothing was changed: {'; '.join(settings_problems(exc))}") from None
     except ValueError as exc:
         raise ApiError(400, f"Configuration is invalid; nothing was changed: {exc}") from None
     changed = sorted(name for name in type(old).model_fields if getattr(old, name) != getattr(new, name))

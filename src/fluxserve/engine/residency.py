@@ -28,7 +28,6 @@ host memory. Offload needs an accelerator: asking for it with device ``cpu`` is 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import weakref
 from collections import OrderedDict
@@ -36,6 +35,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+
+from fluxserve.units import parse_bytes  # re-exported: sizes are parsed in one place
 
 log = logging.getLogger(__name__)
 
@@ -96,21 +97,6 @@ def module_bytes(pipeline: Any) -> int:
     their components are pooled) is counted once. Meta tensors (sequential offload) count at
     their real size."""
     return _tensor_bytes(_modules(pipeline).values())
-
-
-def parse_bytes(text: str | int | None) -> int | None:
-    """``"20GiB"``, ``"512MB"``, ``"1.5G"``, ``"123456"`` -> bytes; ``None``/``""``/``"auto"`` -> None.
-    Units: B, K/KB/KiB, M/MB/MiB, G/GB/GiB, T/TB/TiB (binary multiples for all: memory sizes)."""
-    if text is None or isinstance(text, int):
-        return text
-    cleaned = text.strip().replace("_", "")
-    if cleaned.lower() in ("", "auto", "none"):
-        return None
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", cleaned, flags=re.IGNORECASE)
-    if not match:
-        raise ValueError(f"not a size: {text!r} (expected e.g. 20GiB, 512MB or a number of bytes)")
-    number, unit = float(match.group(1)), match.group(2).lower()
-    return int(number * 1024 ** " kmgt".index(unit or " "))
 
 
 def _is_cuda(device: str) -> bool:
