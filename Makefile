@@ -7,7 +7,7 @@ MODELS ?= real
 PORT   ?= 8000
 BIN     = $(VENV)/bin
 
-.PHONY: serve test setup setup-test clean
+.PHONY: serve test lint setup setup-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ serve: setup
 
 test: setup-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup-test   # style (ruff), types (mypy over src/), layering (import-linter contracts in pyproject.toml)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache

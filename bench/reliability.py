@@ -21,12 +21,12 @@ from pathlib import Path
 
 import httpx
 from sqlalchemy import select
+from tests.support.process_server import ServerProcess
+from tests.test_crash_safety import Receiver
 
 from fluxserve.engine.tiny import build_tiny_models
 from fluxserve.jobs.database import open_database
 from fluxserve.jobs.tables import Job, WebhookDelivery, utcnow
-from tests.support.process_server import ServerProcess
-from tests.test_crash_safety import Receiver
 
 KLEIN = "/api/v1/enterprise/flux_klein/text2img"
 

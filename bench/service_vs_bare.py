@@ -74,8 +74,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    SCALES, THREADS_HELP, device_and_dtype, environment, load_folder, print_table, quiet_libraries,
-    release_memory, run_command, set_threads,
+    SCALES,
+    THREADS_HELP,
+    device_and_dtype,
+    environment,
+    load_folder,
+    print_table,
+    quiet_libraries,
+    release_memory,
+    run_command,
+    set_threads,
 )
 from bench.workloads import WORKLOADS, data_uri
 
@@ -335,7 +343,6 @@ class Bench:
         """Warm everything up, then ``rounds`` x (bare, then per service: sequential and each
         client count), then bare once more: every mode sees the same background load."""
         import httpx
-
         from tests.support.servers import live_server
 
         runs: dict[str, list[dict[str, Any]]] = {"bare": []}

@@ -52,8 +52,15 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    SCALES, THREADS_HELP, device_and_dtype, environment, load_folder, print_table, quiet_libraries,
-    run_command, set_threads,
+    SCALES,
+    THREADS_HELP,
+    device_and_dtype,
+    environment,
+    load_folder,
+    print_table,
+    quiet_libraries,
+    run_command,
+    set_threads,
 )
 from bench.workloads import WORKLOADS
 

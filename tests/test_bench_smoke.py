@@ -81,7 +81,6 @@ def test_stages_runs_end_to_end_at_small_scale(tmp_path):
 
 def test_true_scale_components_have_the_published_sizes():
     import torch
-
     from bench.models import build_klein_pipeline
 
     pipeline = build_klein_pipeline("true", device="meta", dtype=torch.bfloat16)  # the GPU build, without memory
@@ -160,7 +159,6 @@ def test_stages_runs_kontext_end_to_end_at_small_scale(tmp_path):
 
 def test_kontext_true_scale_components_have_the_published_sizes():
     import torch
-
     from bench.models import build_kontext_pipeline, parameter_counts
 
     counts = parameter_counts("true", "kontext")

@@ -34,6 +34,7 @@ from fluxserve.fetching import (
     FetchPolicy,
     Target,
     UrlRefused,
+    _parse_ipv4_number_forms,
     check_target,
     check_target_async,
     check_webhook_url,
@@ -44,7 +45,6 @@ from fluxserve.fetching import (
     sniff_image_format,
     system_resolver,
 )
-from fluxserve.fetching import _parse_ipv4_number_forms
 
 # -- guards: no traffic beyond loopback ---------------------------------------------------------
 _real_connect = socket.socket.connect

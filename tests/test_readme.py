@@ -16,6 +16,7 @@ import pytest
 
 README = Path(__file__).parents[1] / "README.md"
 EXAMPLE_IMAGE = "https://raw.githubusercontent.com/CompVis/stable-diffusion/main/data/inpainting_examples/overture-creations-5sI6fQgYIuo.png"
+EXAMPLE_MASK = EXAMPLE_IMAGE.replace(".png", "_mask.png")
 
 
 def curl_blocks() -> list[str]:
@@ -39,9 +40,21 @@ def json_objects(text: str) -> list[dict]:
 def test_readme_has_a_curl_for_every_endpoint():
     text = "\n".join(curl_blocks())
     for path in ("flux_klein/text2img", "flux_klein/img2img", "realtime/text2img", "realtime/img2img",
-                 "flux/img2img", "v6/images/img2img", "flux_klein/fetch/", "realtime/fetch/", "flux/fetch/",
-                 "v6/images/fetch/", "v6/images/fetch -d", "v6/realtime/fetch/"):
+                 "realtime/inpaint", "v6/images/text2img", "flux/img2img", "v6/images/inpaint", "v6/images/img2img",
+                 "flux_klein/fetch/", "realtime/fetch/", "flux/fetch/", "images/fetch/", "v6/images/fetch/",
+                 "v6/images/fetch -d", "enterprise/fetch -d", "v6/realtime/fetch/", "v6/fetch/", "image_editing/fetch/"):
         assert path in text, path
+
+
+def test_readme_lists_every_path_family_of_the_table():
+    """The README's path table names every prefix and action of api/paths.py."""
+    from fluxserve.api.paths import PATH_FAMILIES
+
+    text = README.read_text()
+    for family in PATH_FAMILIES:
+        assert f"`{family.prefix}`" in text, family.prefix
+        for action in family.actions:
+            assert f"`{action.name}`" in text, (family.prefix, action.name)
 
 
 def _answers(stdout: str) -> list[dict]:
@@ -58,7 +71,8 @@ def test_readme_curl_block_works(server, image_host, index):
     script = blocks[index]
     if "$ID" in script and "ID=$(" not in script:  # later blocks use the ID set by an earlier one
         script = next(block for block in blocks if "ID=$(" in block) + "\n" + script
-    script = script.replace("http://127.0.0.1:8000", server.base_url).replace(EXAMPLE_IMAGE, f"{image_host}/a.png")
+    script = script.replace("http://127.0.0.1:8000", server.base_url).replace(EXAMPLE_MASK, f"{image_host}/mask.png")
+    script = script.replace(EXAMPLE_IMAGE, f"{image_host}/a.png")
     script = "\n".join(line for line in script.splitlines() if not line.startswith("export ADMIN_KEY="))
     env = dict(os.environ, KEY=server.key, ADMIN_KEY=server.admin_key)
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, env=env, timeout=300)

@@ -12,13 +12,12 @@ import io
 
 import httpx
 import pytest
-from PIL import Image
-
 from modelslab_py.core.apis.community import Community
 from modelslab_py.core.apis.realtime import Realtime
 from modelslab_py.core.client import Client
 from modelslab_py.schemas.community import Image2Image, Inpainting, Text2Image
 from modelslab_py.schemas.realtime import RealtimeImage2ImageSchema, RealtimeInpaintingSchema, RealtimeText2ImageSchema
+from PIL import Image
 
 SIZE = 256
 STEPS = 2

@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 import pytest
-
-from fluxserve.fetching import FetchPolicy
 from sqlalchemy import select, update
 
 from fluxserve import __version__
+from fluxserve.fetching import FetchPolicy
 from fluxserve.jobs.database import open_database
 from fluxserve.jobs.status import DeliveryStatus
 from fluxserve.jobs.store import JobStore

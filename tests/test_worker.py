@@ -3,7 +3,6 @@ released, and the next job runs."""
 
 from __future__ import annotations
 
-
 import torch
 
 from fluxserve.engine.generate import Generator

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from pydantic import ValidationError
@@ -19,16 +19,16 @@ models_app = typer.Typer(help="Inspect the model registry and build the tiny off
 app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
 
-DataDir = Annotated[Optional[Path], typer.Option(help="Data directory [env FLUXSERVE_DATA_DIR].")]
-DatabaseUrl = Annotated[Optional[str], typer.Option(help="SQLAlchemy URL [env FLUXSERVE_DATABASE_URL].")]
+DataDir = Annotated[Path | None, typer.Option(help="Data directory [env FLUXSERVE_DATA_DIR].")]
+DatabaseUrl = Annotated[str | None, typer.Option(help="SQLAlchemy URL [env FLUXSERVE_DATABASE_URL].")]
 
 
 def _load_settings(env_file: Path | None = None, **overrides) -> Settings:
     """Flags over environment over the env file (FLUXSERVE_ENV_FILE) over defaults; raises
     ValidationError for a refused setting."""
-    env_file = env_file or os.environ.get("FLUXSERVE_ENV_FILE") or None
+    chosen: Path | str | None = env_file or os.environ.get("FLUXSERVE_ENV_FILE") or None
     given = {name: value for name, value in overrides.items() if value is not None}
-    return Settings(_env_file=env_file, **given) if env_file else Settings(**given)
+    return Settings(_env_file=chosen, **given) if chosen else Settings(**given)
 
 
 def _settings(env_file: Path | None = None, **overrides) -> Settings:
@@ -55,14 +55,16 @@ def _key_store(data_dir: Path | None, database_url: str | None):
 
 @app.command()
 def serve(
-    host: Annotated[Optional[str], typer.Option(help="Bind address [env FLUXSERVE_HOST].")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port [env FLUXSERVE_PORT].")] = None,
-    models: Annotated[Optional[str], typer.Option(help="real | tiny [env FLUXSERVE_MODELS].")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address [env FLUXSERVE_HOST].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [env FLUXSERVE_PORT].")] = None,
+    models: Annotated[str | None, typer.Option(help="real | tiny [env FLUXSERVE_MODELS].")] = None,
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
-    public_base_url: Annotated[Optional[str], typer.Option(help="Base of returned URLs [env FLUXSERVE_PUBLIC_BASE_URL].")] = None,
-    worker: Annotated[Optional[str], typer.Option(help="process | thread [env FLUXSERVE_WORKER].")] = None,
-    env_file: Annotated[Optional[Path], typer.Option(help="Settings file re-read by update_server [env FLUXSERVE_ENV_FILE].")] = None,
+    public_base_url: Annotated[str | None, typer.Option(help="Base of returned URLs [env FLUXSERVE_PUBLIC_BASE_URL].")] = None,
+    worker: Annotated[str | None, typer.Option(help="process | thread [env FLUXSERVE_WORKER].")] = None,
+    env_file: Annotated[
+        Path | None, typer.Option(help="Settings file re-read by update_server [env FLUXSERVE_ENV_FILE].")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
 ) -> None:
     """Run the API server with its GPU worker (embedded default: SQLite + local disk)."""
@@ -135,14 +137,15 @@ def keys_revoke(
 
 @models_app.command("list")
 def models_list(
-    models: Annotated[Optional[str], typer.Option(help="real | tiny")] = None, data_dir: DataDir = None
+    models: Annotated[str | None, typer.Option(help="real | tiny")] = None, data_dir: DataDir = None
 ) -> None:
     """Show each model name with its pipeline, weights source and defaults."""
     from fluxserve.runtime import build_registry
 
     settings = _settings(models=models, data_dir=data_dir)
     for spec in build_registry(settings, build_tiny=False).specs():
-        typer.echo(f"{spec.name}\t{spec.pipeline}\t{spec.source}\tsteps={spec.steps} guidance={spec.guidance} strength={spec.strength}")
+        defaults = f"steps={spec.steps} guidance={spec.guidance} strength={spec.strength}"
+        typer.echo(f"{spec.name}\t{spec.pipeline}\t{spec.source}\t{defaults}")
 
 
 @models_app.command("build-tiny")

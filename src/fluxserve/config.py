@@ -61,7 +61,8 @@ class Settings(BaseSettings):
         "", description='Engine switches on top of the defaults, e.g. "compile,fp8,attention=_native_cudnn" '
         '(defaults: bf16 on CUDA, truncated Qwen3, prompt cache, channels_last VAE, best attention); "none" for none.'
     )
-    compile_warm_sizes: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [512, 1024], description="Sizes warmed at load when compiling.")
+    compile_warm_sizes: Annotated[list[int], NoDecode] = Field(
+        default_factory=lambda: [512, 1024], description="Sizes warmed at load when compiling.")
     max_batch_size: int = Field(1, ge=1, le=16, description="Compatible text-to-image jobs run in one call (1: off).")
     batch_wait_seconds: float = Field(0.02, ge=0, le=1, description="How long a batch waits for companions.")
     sync_wait_seconds: float = Field(
@@ -85,7 +86,8 @@ class Settings(BaseSettings):
     body_timeout_seconds: float = Field(30.0, gt=0, description="Time a client gets to send its whole body.")
     rate_limit_per_key: str = Field("600/minute", description='Requests per key ("" for none), limits syntax.')
     rate_limit_per_address: str = Field("1200/minute", description="Requests per client address under /api/.")
-    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Origins allowed by CORS (off when empty).")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins allowed by CORS (off when empty).")
     fetch_allow: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description='Hosts or CIDRs that init images and webhooks may reach although private, e.g. ["10.0.0.0/8"].',
@@ -127,6 +129,7 @@ class Settings(BaseSettings):
         if not isinstance(value, str):
             return value
         if not value.strip():
+            assert info.field_name is not None  # always set for a field validator
             return cls.model_fields[info.field_name].get_default(call_default_factory=True)
         try:
             return json.loads(value)

@@ -38,7 +38,6 @@ import re
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Union
 
 import httpx
 
@@ -49,8 +48,8 @@ __all__ = [
     "REDIRECT_STATUS", "DEFAULT_MAX_BYTES",
 ]
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: ``resolver(host, port) -> ["93.184.215.14", "2606:2800::1", ...]`` (sync; may raise OSError).
 Resolver = Callable[[str, int], list[str]]
@@ -99,11 +98,11 @@ class FetchPolicy:
         hosts: set[str] = set()
         networks: list[IPNetwork] = []
         for entry in allow:
-            kind, value = _parse_allow_entry(entry)
-            if kind == "host":
-                hosts.add(value)
+            parsed = _parse_allow_entry(entry)
+            if isinstance(parsed, str):
+                hosts.add(parsed)
             else:
-                networks.append(value)
+                networks.append(parsed)
         object.__setattr__(self, "allow", tuple(allow))
         object.__setattr__(self, "_hosts", frozenset(hosts))
         object.__setattr__(self, "_networks", tuple(networks))
@@ -117,7 +116,7 @@ class FetchPolicy:
             raise ValueError("max_redirects must be an integer >= 0")
 
     @classmethod
-    def from_strings(cls, allow: str | Iterable[str] | None = None, **kwargs) -> "FetchPolicy":
+    def from_strings(cls, allow: str | Iterable[str] | None = None, **kwargs) -> FetchPolicy:
         """Build from settings: ``allow`` is a list of entries or one string of entries
         separated by commas and/or whitespace ("minio.internal, 10.1.0.0/16")."""
         if allow is None:
@@ -141,23 +140,24 @@ class FetchPolicy:
         )
 
 
-def _parse_allow_entry(entry: object) -> tuple[str, object]:
+def _parse_allow_entry(entry: object) -> str | IPNetwork:
+    """A host name (normalised) or a network."""
     if not isinstance(entry, str) or not entry.strip():
         raise ValueError(f"allow entry {entry!r}: expected a host name or a CIDR")
     text = entry.strip()
     if "/" in text or ":" in text:
         try:
-            return "net", ipaddress.ip_network(text, strict=True)
+            return ipaddress.ip_network(text, strict=True)
         except ValueError as exc:
             raise ValueError(f"allow entry {entry!r} is not a valid CIDR ({exc})") from None
     try:
-        return "net", ipaddress.ip_network(text)  # a bare IPv4 address: that one address
+        return ipaddress.ip_network(text)  # a bare IPv4 address: that one address
     except ValueError:
         pass
     name = _normalise_name(text)
     if not _valid_hostname(name) or _NUMBER_LIKE.match(name.rsplit(".", 1)[-1]):
         raise ValueError(f"allow entry {entry!r}: expected a host name (like minio.internal) or a CIDR")
-    return "host", name
+    return name
 
 
 # -- address classification ----------------------------------------------------------------------

@@ -70,7 +70,7 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, max_side: int = M
         raise ImageInputError(f"Init image too large: more than {max_pixels} pixels") from None
     except MemoryError:
         raise
-    except Exception:  # Pillow's plugins raise OSError, SyntaxError, ValueError, struct.error... on bad bytes
+    except Exception:  # noqa: BLE001 - Pillow's plugins raise OSError, SyntaxError, ValueError, struct.error...
         raise ImageInputError(_refusal(data)) from None
 
 
@@ -149,10 +149,14 @@ def _grey_to_l(image: Image.Image) -> Image.Image:
     """16-bit or 32-bit grey to 8 bits, scaled from its nominal range -- a plain ``convert("L")``
     clips everything over 255 to white. 16-bit: 0..65535; 32-bit integer or float: the first of
     0..1 (float only), 0..255, 0..65535 that holds its values, else its own extrema."""
+    low: float
+    high: float
     if image.mode.startswith("I;16"):
         image, (low, high) = image.convert("I"), (0, 65535)
     else:
-        low, high = image.getextrema()
+        extrema = image.getextrema()
+        assert not isinstance(extrema[0], tuple)  # I and F have one band: (min, max), not a pair per band
+        low, high = extrema
         tops = ((1.0,) if image.mode == "F" else ()) + (255, 65535)
         if low >= 0 and high <= tops[-1]:
             low, high = 0, next(top for top in tops if high <= top)

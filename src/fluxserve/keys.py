@@ -56,6 +56,7 @@ class KeyStore:
         """The key's webhook signing secret (created for keys made before webhooks existed)."""
         with self._sessions.begin() as session:
             row = session.get(ApiKey, key_id)
+            assert row is not None, f"no key {key_id}"  # callers pass an existing key (the CLI checks; deliveries have a FK)
             if row.webhook_secret is None:
                 row.webhook_secret = WEBHOOK_SECRET_PREFIX + secrets.token_urlsafe(32)
             return row.webhook_secret
@@ -68,7 +69,8 @@ class KeyStore:
         """Revoke by numeric id or by the listed prefix; None if nothing matched."""
         with self._sessions.begin() as session:
             query = select(ApiKey)
-            query = query.where(ApiKey.id == int(ident)) if ident.isascii() and ident.isdigit() else query.where(ApiKey.prefix == ident)
+            by_id = ident.isascii() and ident.isdigit()
+            query = query.where(ApiKey.id == int(ident)) if by_id else query.where(ApiKey.prefix == ident)
             row = session.scalar(query)
             if row is not None and row.revoked_at is None:
                 row.revoked_at = utcnow()

@@ -68,6 +68,7 @@ _OVERRIDABLE: dict[str, tuple[type, ...]] = {
     "source": (str,), "steps": (int,), "guidance": (int, float), "strength": (int, float),
     "true_cfg_scale": (int, float),
 }
+_KIND_WORDS: dict[tuple[type, ...], str] = {(str,): "a string", (int,): "a whole number"}  # else "a number"
 
 
 class UnknownModel(KeyError):
@@ -94,7 +95,7 @@ class Registry:
     @classmethod
     def build(
         cls, overrides: dict[str, dict[str, Any]] | None = None, tiny_root: Path | None = None
-    ) -> "Registry":
+    ) -> Registry:
         """Default registry, with per-model overrides applied; with ``tiny_root`` every
         source points at its family's offline tiny build instead of the hub."""
         specs = dict(DEFAULT_REGISTRY)
@@ -109,7 +110,7 @@ class Registry:
                                  f"overridable: {', '.join(sorted(_OVERRIDABLE))}")
             for field, value in fields.items():
                 if isinstance(value, bool) or not isinstance(value, _OVERRIDABLE[field]):
-                    kind = {(str,): "a string", (int,): "a whole number"}.get(_OVERRIDABLE[field], "a number")
+                    kind = _KIND_WORDS.get(_OVERRIDABLE[field], "a number")
                     raise ValueError(f"model_overrides[{name!r}].{field} must be {kind}, not {value!r}")
             base = specs.get(name)
             if base is None:

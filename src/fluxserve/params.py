@@ -68,5 +68,5 @@ class JobParams:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "JobParams":
+    def from_dict(cls, data: dict[str, Any]) -> JobParams:
         return cls(**data)

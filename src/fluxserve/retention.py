@@ -21,10 +21,10 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
 
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.tables import utcnow

@@ -11,13 +11,19 @@ import os
 import queue
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fluxserve.config import Settings
 from fluxserve.events import JobEvents
 from fluxserve.jobs.store import JobStore
 from fluxserve.metrics import Metrics
 from fluxserve.worker.messages import Command, JobFinished, JobStarted, Outcome, Report, StatusReport
+
+if TYPE_CHECKING:
+    from multiprocessing.context import SpawnProcess
+    from multiprocessing.queues import Queue as ProcessQueue
+
+    from fluxserve.worker.loop import Worker
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +71,7 @@ class ThreadWorkerHost:
     def __init__(self, settings: Settings, link: WorkerLink, jobs: JobStore):
         self.settings, self.link, self.jobs = settings, link, jobs
         self.commands: queue.Queue[Command] = queue.Queue()
-        self.worker = None
+        self.worker: Worker | None = None
 
     def start(self) -> None:
         from fluxserve.runtime import build_worker
@@ -123,9 +129,9 @@ class ProcessWorkerHost:
     def __init__(self, settings: Settings, link: WorkerLink, jobs: JobStore):
         self.settings, self.link, self.jobs = settings, link, jobs
         self._context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-        self._process = None
-        self._reports = None
-        self._commands = None
+        self._process: SpawnProcess | None = None
+        self._reports: ProcessQueue[Report] | None = None  # these two are set (with the process) by _spawn
+        self._commands: ProcessQueue[Command] | None = None
         self._stopping = threading.Event()
         self._monitor: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -161,6 +167,7 @@ class ProcessWorkerHost:
         process = self._process
         if process is None or not process.is_alive():
             return
+        assert self._commands is not None  # spawned with the process
         self._commands.put(Command.STOP)  # finishes the job in hand first
         process.join(timeout)
         if process.is_alive():
@@ -175,6 +182,8 @@ class ProcessWorkerHost:
         self.command(Command.WAKE)
 
     def command(self, command: Command) -> None:
+        if self._commands is None:  # not started yet
+            return
         try:
             self._commands.put(command)
         except (AttributeError, ValueError, OSError):  # no live process right now
@@ -209,6 +218,7 @@ class ProcessWorkerHost:
                 self._on_death(process)
 
     def _relay_reports(self) -> None:
+        assert self._reports is not None  # the monitor starts after the first _spawn
         try:
             report = self._reports.get(timeout=0.2)
         except (queue.Empty, OSError, EOFError, ValueError):
@@ -220,6 +230,7 @@ class ProcessWorkerHost:
 
     def _on_death(self, process) -> None:
         log.error("worker process %s died (exit code %s)", process.pid, process.exitcode)
+        assert self._reports is not None  # spawned with the process
         while True:  # reports sent just before dying still count
             try:
                 self.link.report(self._reports.get_nowait())

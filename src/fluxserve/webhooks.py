@@ -50,6 +50,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from fluxserve import __version__
 from fluxserve.fetching import FetchError, FetchPolicy, Resolver, UrlRefused, check_webhook_url, pinned
+from fluxserve.jobs.database import rowcount
 from fluxserve.jobs.status import DeliveryStatus
 from fluxserve.jobs.tables import WebhookDelivery, utcnow
 from fluxserve.keys import KeyStore
@@ -277,7 +278,7 @@ class WebhookDispatcher:
         """Guarded UPDATE: only one dispatcher can move a row from (due, n attempts) to
         (leased, n+1 attempts). Returns the claimed row, or None if another one got it."""
         with self._sessions.begin() as session:
-            claimed = session.execute(
+            claimed = rowcount(session.execute(
                 update(WebhookDelivery)
                 .where(
                     WebhookDelivery.id == delivery_id,
@@ -290,7 +291,7 @@ class WebhookDispatcher:
                     next_attempt_at=now + timedelta(seconds=self.lease_seconds),
                 )
                 .execution_options(synchronize_session=False)
-            ).rowcount
+            ))
         if not claimed:
             return None
         with self._sessions() as session:
@@ -359,7 +360,7 @@ class WebhookDispatcher:
         else:
             values = {"status": DeliveryStatus.FAILED.value, "last_error": error, "next_attempt_at": at}
         with self._sessions.begin() as session:
-            kept = session.execute(
+            kept = rowcount(session.execute(
                 update(WebhookDelivery)
                 .where(
                     WebhookDelivery.id == row.id,
@@ -368,7 +369,7 @@ class WebhookDispatcher:
                 )
                 .values(**values)
                 .execution_options(synchronize_session=False)
-            ).rowcount
+            ))
         if not kept:
             log.warning("webhook delivery %s (job %s): claim expired before the outcome (%s) was recorded",
                         row.id, row.job_id, outcome)

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from fluxserve.engine import optimize
-from fluxserve.engine.optimize import SWITCHES, Optimizations, apply, compute_dtype, prompt_cache_stats, warm_up
 from fluxserve.engine.families import klein
+from fluxserve.engine.optimize import SWITCHES, Optimizations, apply, compute_dtype, prompt_cache_stats, warm_up
 from fluxserve.engine.tiny import tiny_families
 
 TINY_MODEL_DIRS = {name: family.pipeline for name, family in tiny_families().items()}
@@ -87,7 +87,7 @@ def test_dtype_decision():
     assert compute_dtype("cpu", Optimizations(force_bf16=True)) is torch.bfloat16
     assert compute_dtype("cuda", Optimizations()) is torch.bfloat16
     assert compute_dtype("cuda:0", Optimizations(bf16_everywhere=False)) is torch.float32
-    assert Optimizations().dtype("cuda") is torch.bfloat16
+    assert compute_dtype("cuda", Optimizations()) is torch.bfloat16
 
 
 # ---------------------------------------------------------------------------------------

@@ -350,3 +350,26 @@ def test_client_configuration():
     aws = up.client(details_for(None, "my-bucket", region_name="eu-central-1"))
     assert not (aws.meta.config.s3 or {}).get("addressing_style")
     assert aws.meta.region_name == "eu-central-1"
+
+
+# --- the Storage protocol ------------------------------------------------------------------------
+
+def test_s3_storage_is_a_storage_that_saves_reads_and_checks(s3_endpoint, uploader, tmp_path):
+    from fluxserve.storage.base import Storage
+    from fluxserve.storage.local import LocalStorage
+    from fluxserve.storage.s3 import S3Storage
+
+    bucket = S3Storage(details_for(s3_endpoint, "outputs/protocol"), uploader)
+    local = LocalStorage(tmp_path, "http://127.0.0.1:8000")
+    for storage, url in ((bucket, "https://cdn.example.com/generations/p.png"),
+                         (local, "http://127.0.0.1:8000/outputs/p.png")):
+        assert isinstance(storage, Storage)
+        assert storage.url_for("p.png") == url
+        assert storage.save("p.png", PNG) == url
+        assert storage.read("p.png") == PNG
+        storage.check()
+        with pytest.raises(FileNotFoundError):
+            storage.read("missing.png")
+    assert s3_client(s3_endpoint).get_object(Bucket="outputs", Key="protocol/p.png")["Body"].read() == PNG
+    with pytest.raises(UploadError, match="does not exist"):
+        S3Storage(details_for(s3_endpoint, "no-such-bucket"), uploader).check()

@@ -8,20 +8,21 @@ from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.middleware.cors import CORSMiddleware
 
 from fluxserve import __version__
 from fluxserve.api.admin import admin, ops
 from fluxserve.api.deps import Services, WorkerControl
-from fluxserve.api.progress import jobs_router
-from fluxserve.api.storage_routes import storage_router
 from fluxserve.api.errors import install_error_handlers
 from fluxserve.api.generation import GenerationService
 from fluxserve.api.json_bodies import JsonBodiesMiddleware
 from fluxserve.api.limits import AddressRateLimitMiddleware, BodyLimitMiddleware, RateLimits
 from fluxserve.api.modelslab import router as modelslab_router
 from fluxserve.api.outputs import outputs_router
+from fluxserve.api.progress import jobs_router
+from fluxserve.api.storage_routes import storage_router
 from fluxserve.config import Settings
 from fluxserve.events import JobEvents
 from fluxserve.jobs.database import open_database
@@ -100,4 +101,19 @@ def create_app(
                            allow_headers=["Content-Type", "Key", "Authorization"])
     for router in (modelslab_router, admin, storage_router, jobs_router, outputs_router, ops):
         app.include_router(router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema without the 422 answers it adds to every route with a body: invalid input
+    is answered 400 with ModelsLab's error shape (``errors.install_error_handlers``), as /docs says."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(unused, None)
+        app.openapi_schema = schema
+    return app.openapi_schema

@@ -22,13 +22,13 @@ from fluxserve.api.schemas import GenerationBody
 from fluxserve.config import Settings
 from fluxserve.events import JobEvents
 from fluxserve.images import ImageInputError, decode_image, fetch_image_bytes
-from fluxserve.png_encoding import encode_png
 from fluxserve.jobs.status import JobStatus
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.tables import ApiKey, Job
 from fluxserve.metrics import Metrics
 from fluxserve.models import ModelSpec, Registry, UnknownModel, UnsuitableRequest
 from fluxserve.params import SEED_MAX, GenerationRequest, JobParams
+from fluxserve.png_encoding import encode_png
 from fluxserve.storage.configs import StorageConfigs
 from fluxserve.storage.local import LocalStorage
 
@@ -116,7 +116,8 @@ class GenerationService:
         luminance (white repaints, black keeps)."""
         try:
             data = await fetch_image_bytes(url, client=self.http, policy=self.settings.fetch_policy())
-            png = await run_in_threadpool(lambda: encode_png(_as_mask(decode_image(data)) if what == "mask" else decode_image(data)))
+            decoded = await run_in_threadpool(decode_image, data)
+            png = await run_in_threadpool(encode_png, _as_mask(decoded) if what == "mask" else decoded)
         except ImageInputError as exc:
             message = str(exc).replace("the init image", f"the {what}") if what != "init image" else str(exc)
             raise ApiError(400, message) from None
@@ -196,13 +197,15 @@ class GenerationService:
         if await run_in_threadpool(self.jobs.cancel, job.id, key.id):
             self.events.job_changed(job.id)
             return JSONResponse({"status": "success", "id": job.id, "message": "Request cancelled"})
-        job = await run_in_threadpool(self.jobs.get, job.id)
-        raise ApiError(409, f"Request {job.id} is {job.status}; only queued requests can be cancelled", id=job.id)
+        current = await run_in_threadpool(self.jobs.get, job.id)
+        assert current is not None  # found just above, and jobs are never deleted
+        raise ApiError(409, f"Request {current.id} is {current.status}; only queued requests can be cancelled", id=current.id)
 
     async def _wait_and_answer(self, job_id: int) -> JSONResponse:
         deadline = time.monotonic() + self.settings.sync_wait_seconds
         while True:
             job = await run_in_threadpool(self.jobs.get, job_id)
+            assert job is not None  # this request just created it, and jobs are never deleted
             remaining = deadline - time.monotonic()
             if JobStatus(job.status).is_terminal or remaining <= 0:
                 return await self._answer(job)

@@ -6,6 +6,9 @@ generation actions and its fetch route, plus the fetch aliases clients use. Thin
 and a route's body type is a variable of the function that makes it.)
 """
 
+from enum import Enum
+from typing import Any
+
 from fastapi import APIRouter, Body
 from fastapi.responses import JSONResponse
 
@@ -20,8 +23,8 @@ router = APIRouter()
 OptionalFetchBody = Body(None)
 
 
-def _responses(*statuses: int) -> dict:
-    answers = {200: {"model": SuccessAnswer | ProcessingAnswer,
+def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    answers: dict[int | str, dict[str, Any]] = {200: {"model": SuccessAnswer | ProcessingAnswer,
                      "description": "`success` with the images, or `processing` (queued or generating) with "
                                     "`fetch_result`, `eta` and `future_links`"}}
     for status in statuses:
@@ -81,7 +84,7 @@ async def fetch_by_body(key: AuthKey, services: ServicesDep, body: FetchBody = O
 
 
 for _family in PATH_FAMILIES:
-    _tags = [_family.prefix.removeprefix("/api/")]
+    _tags: list[str | Enum] = [_family.prefix.removeprefix("/api/")]  # the type add_api_route asks for
     for _action in _family.actions:
         router.add_api_route(
             f"{_family.prefix}/{_action.name}", _generation_route(_family, _action), methods=["POST"],

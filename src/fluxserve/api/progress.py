@@ -35,10 +35,11 @@ async def events(job_id: int, key: AuthKey, services: ServicesDep) -> EventSourc
         last = None
         while True:
             job = await run_in_threadpool(generation.jobs.get, job_id)
+            assert job is not None  # owned_job found it above, and jobs are never deleted
             status = JobStatus(job.status)
             if status.is_terminal:
                 answer = await generation._answer(job)
-                yield {"event": "done", "data": answer.body.decode()}
+                yield {"event": "done", "data": bytes(answer.body).decode()}
                 return
             if status is JobStatus.QUEUED:
                 ahead = await run_in_threadpool(generation.jobs.jobs_ahead, job_id)

@@ -84,7 +84,7 @@ class GenerationBody(BaseModel):
     scheduler: Text = Field(None, description="Accepted and ignored (FLUX uses its own scheduler).")
 
     @model_validator(mode="after")
-    def _check_limits(self) -> "GenerationBody":
+    def _check_limits(self) -> GenerationBody:
         if not self.prompt or not self.prompt.strip():
             raise _refuse("prompt is required")
         for name in ("prompt", "negative_prompt"):
@@ -150,7 +150,7 @@ class Img2ImgBody(GenerationBody):
     strength: Float = Field(None, description="0-1: how much of the init image is repainted (default per model).")
 
     @model_validator(mode="after")
-    def _check_init_images(self) -> "Img2ImgBody":
+    def _check_init_images(self) -> Img2ImgBody:
         if not self.init_image:
             raise _refuse("init_image is required")
         for url in self.init_image:
@@ -174,7 +174,7 @@ class InpaintBody(Img2ImgBody):
     mask_image: Text = Field(None, description="Required: the mask's URL (http, https or a base64 data: URI).")
 
     @model_validator(mode="after")
-    def _check_mask(self) -> "InpaintBody":
+    def _check_mask(self) -> InpaintBody:
         if not (self.mask_image or "").strip():
             raise _refuse("mask_image is required")
         _check_url_length("mask_image", self.mask_image)

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fluxserve.api.deps import AuthKey, ServicesDep
 from fluxserve.api.errors import ApiError
 from fluxserve.api.schemas import Text
-from fluxserve.fetching import FetchError, check_target
+from fluxserve.fetching import FetchError, UrlRefused, check_target
 from fluxserve.storage.configs import DEFAULT_DEPLOY_TYPE
 from fluxserve.storage.s3 import S3Details, UploadError
 
@@ -40,6 +40,7 @@ async def update_s3(body: UpdateS3Body, key: AuthKey, services: ServicesDep) -> 
     for name in ("public_url", "endpoint_url", "aws_access_key_id", "aws_secret_access_key"):
         if not getattr(body, name):
             raise ApiError(400, f"{name} is required")
+    assert body.public_url and body.aws_access_key_id and body.aws_secret_access_key  # checked just above
     try:
         details = S3Details.from_modelslab(
             public_url=body.public_url, region_name=body.region_name, endpoint_url=body.endpoint_url,
@@ -50,6 +51,8 @@ async def update_s3(body: UpdateS3Body, key: AuthKey, services: ServicesDep) -> 
         raise ApiError(400, str(exc)) from None
     settings = services.generation.settings
     try:  # the endpoint is a stranger's URL too: no uploads into our own network
+        if details.endpoint_url is None:  # a blank one ("  " passes the required check): what check_target says of None
+            raise UrlRefused("not a valid URL")
         await run_in_threadpool(check_target, details.endpoint_url, settings.fetch_policy())
     except FetchError as exc:
         raise ApiError(400, f"endpoint_url refused: {exc}") from None

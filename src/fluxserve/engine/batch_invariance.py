@@ -40,7 +40,7 @@ def make_batch_invariant(pipeline: Any) -> None:
     if transformer is not None and not getattr(transformer, _MARK, False):
         for module in transformer.modules():
             if type(module) is torch.nn.Linear:
-                module.forward = types.MethodType(_rowwise_linear, module)
+                module.forward = types.MethodType(_rowwise_linear, module)  # type: ignore[method-assign]  # deliberate per-instance override
         setattr(transformer, _MARK, True)
     vae = getattr(pipeline, "vae", None)
     if vae is not None and hasattr(vae, "use_slicing"):

@@ -47,8 +47,8 @@ def keep_unmasked(image: Image.Image, init: Image.Image, mask: Image.Image) -> I
     black, the generated ones where it is white (grey blends). The pipelines blend in latent
     space only, so without this the VAE's round trip would alter the kept area too."""
     size = image.size
-    init = init if init.size == size else init.resize(size, Image.LANCZOS)
-    mask = mask if mask.size == size else mask.resize(size, Image.LANCZOS)
+    init = init if init.size == size else init.resize(size, Image.Resampling.LANCZOS)
+    mask = mask if mask.size == size else mask.resize(size, Image.Resampling.LANCZOS)
     return Image.composite(image, init.convert("RGB"), mask.convert("L"))
 
 
@@ -65,18 +65,20 @@ class Generator:
         task = Task(params.task)
         if task is not Task.TEXT2IMG and params.strength == 0:
             # strength 0 means "identical to the input": no denoising step would run
-            same = inputs.references[0].resize((params.width, params.height), Image.LANCZOS)
+            same = inputs.references[0].resize((params.width, params.height), Image.Resampling.LANCZOS)
             return [same.copy() for _ in params.seeds]
         width, height = spec.family.generation_size(params.width, params.height)
         call = spec.family.call(params, inputs, width, height)
         pipeline = self.pipelines.get(spec, call.variant)
         images = []
         for index, seed in enumerate(params.seeds):
-            extra: dict[str, Any] = {"callback_on_step_end": _step_callback(progress, index, len(params.seeds))} if progress else {}
+            extra: dict[str, Any] = {}
+            if progress:
+                extra["callback_on_step_end"] = _step_callback(progress, index, len(params.seeds))
             image = pipeline(generator=seeded_generator(seed), output_type="pil", **call.kwargs, **extra).images[0]
             image = crop_to(image.convert("RGB"), params.width, params.height)
             if task is Task.INPAINT:
-                image = keep_unmasked(image, inputs.references[0], inputs.mask)
+                image = keep_unmasked(image, inputs.references[0], inputs.inpaint_mask())
             images.append(image)
         return images
 

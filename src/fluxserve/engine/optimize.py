@@ -67,11 +67,14 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from fluxserve.engine.switches import SWITCHES, Optimizations
+
+if TYPE_CHECKING:
+    from diffusers.models.modeling_utils import ModelMixin
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +194,8 @@ def _truncated_view(model: torch.nn.Module, keep: int) -> torch.nn.Module:
     ``keep`` layers.  Shares every parameter, buffer, submodule and hook dict with ``model``."""
     view = copy.copy(model)
     view._modules = collections.OrderedDict(model._modules)
-    view._modules["layers"] = torch.nn.ModuleList(list(model.layers[:keep]))
-    config = copy.deepcopy(model.config)
+    view._modules["layers"] = torch.nn.ModuleList(list(cast(torch.nn.ModuleList, model.layers)[:keep]))
+    config: Any = copy.deepcopy(model.config)  # a transformers PretrainedConfig
     config.num_hidden_layers = keep
     if isinstance(getattr(config, "layer_types", None), (list, tuple)):
         config.layer_types = list(config.layer_types[:keep])
@@ -223,7 +226,7 @@ def _apply_truncation(pipeline: Any, opts: Optimizations) -> str:
     original = getattr(type(pipeline), "_get_qwen3_prompt_embeds", None)
     encoder = getattr(pipeline, "text_encoder", None)
     layers = getattr(getattr(encoder, "model", None), "layers", None)
-    if original is None or layers is None:
+    if original is None or encoder is None or layers is None:  # (no encoder: no layers either)
         return f"unavailable: {type(pipeline).__name__} has no Qwen3 text encoder (FLUX.2 klein only)"
     if _has_offload_hooks(encoder):
         return "unavailable: the text encoder is offloaded (accelerate hooks)"
@@ -276,7 +279,7 @@ def _apply_channels_last_vae(pipeline: Any, opts: Optimizations) -> str:
     vae = getattr(pipeline, "vae", None)
     if not isinstance(vae, torch.nn.Module):
         return "unavailable: the pipeline has no VAE"
-    vae.to(memory_format=torch.channels_last)
+    vae.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs omit this documented form
     return "on"
 
 
@@ -295,7 +298,8 @@ def _probe_attention(name: str, *, device: str | torch.device, dtype: torch.dtyp
     _check_attention_backend_requirements(backend)
     generator = torch.Generator("cpu").manual_seed(0)
     query, key, value = (torch.randn(1, 64, heads, head_dim, generator=generator) for _ in range(3))
-    out = dispatch_attention_fn(*(t.to(device, dtype) for t in (query, key, value)), backend=backend)
+    q, k, v = (t.to(device, dtype) for t in (query, key, value))
+    out = dispatch_attention_fn(q, k, v, backend=backend)
     out = out[0] if isinstance(out, tuple) else out
     expected = torch.nn.functional.scaled_dot_product_attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
@@ -307,7 +311,7 @@ def _probe_attention(name: str, *, device: str | torch.device, dtype: torch.dtyp
         raise RuntimeError(f"{name} is off by {error:.3g} from SDPA")
 
 
-def _set_attention_backend(transformer: torch.nn.Module, name: str) -> None:
+def _set_attention_backend(transformer: ModelMixin, name: str) -> None:
     """``transformer.set_attention_backend(name)`` without changing diffusers' process-wide default
     (which set_attention_backend also sets) for the other models in this process."""
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
@@ -324,7 +328,7 @@ def _apply_attention_backend(pipeline: Any, opts: Optimizations, device: str | t
     if wanted == "off":
         return "off"
     transformer = getattr(pipeline, "transformer", None)
-    if not callable(getattr(transformer, "set_attention_backend", None)):
+    if transformer is None or not callable(getattr(transformer, "set_attention_backend", None)):
         return "unavailable: this diffusers has no attention dispatcher on the transformer"
     config = transformer.config
     probe = dict(
@@ -374,7 +378,9 @@ def _fp8_config() -> Any:
 
     per_row = getattr(quantization, "PerRow", None)
     if per_row is None:
-        from torchao.quantization.granularity import PerRow as per_row  # type: ignore[no-redef]
+        from torchao.quantization import granularity
+
+        per_row = granularity.PerRow
     config_class = getattr(quantization, "Float8DynamicActivationFloat8WeightConfig", None)
     if config_class is not None:
         return config_class(granularity=per_row())
@@ -428,7 +434,7 @@ def _compiled_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
 def _uncompile(transformer: torch.nn.Module) -> None:
     for module in _compiled_blocks(transformer):
         module._compiled_call_impl = None
-    transformer._fluxserve_compiled = False
+    transformer._fluxserve_compiled = False  # type: ignore[assignment]  # torch types Module.__setattr__ values as Tensor | Module
 
 
 def _apply_compile(pipeline: Any, opts: Optimizations, device: str | torch.device) -> str:
@@ -445,8 +451,9 @@ def _apply_compile(pipeline: Any, opts: Optimizations, device: str | torch.devic
     kwargs: dict[str, Any] = {"fullgraph": True}
     if opts.compile_dynamic is not None:
         kwargs["dynamic"] = opts.compile_dynamic
-    if callable(getattr(transformer, "compile_repeated_blocks", None)) and getattr(transformer, "_repeated_blocks", None):
-        transformer.compile_repeated_blocks(**kwargs)
+    compile_repeated_blocks = getattr(transformer, "compile_repeated_blocks", None)
+    if callable(compile_repeated_blocks) and getattr(transformer, "_repeated_blocks", None):
+        compile_repeated_blocks(**kwargs)
         how = "regional (compile_repeated_blocks)"
     else:
         blocks = [b for name in ("transformer_blocks", "single_transformer_blocks") for b in getattr(transformer, name, [])]
@@ -455,7 +462,7 @@ def _apply_compile(pipeline: Any, opts: Optimizations, device: str | torch.devic
         for block in blocks:
             block.compile(**kwargs)
         how = "per block"
-    transformer._fluxserve_compiled = True
+    transformer._fluxserve_compiled = True  # type: ignore[assignment]  # torch types Module.__setattr__ values as Tensor | Module
     return f"on: {how}, fullgraph; call warm_up() at load"
 
 

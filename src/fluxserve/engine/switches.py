@@ -16,10 +16,7 @@ import dataclasses
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    import torch
+from typing import Any
 
 __all__ = ["SWITCHES", "Optimizations"]
 
@@ -116,12 +113,6 @@ class Optimizations:
                 raise ValueError(f"unknown optimization {raw_name!r}; known: {', '.join(known)}")
             changes[field] = _parse_value(field, value)
         return dataclasses.replace(opts, **changes)
-
-    def dtype(self, device: str | torch.device) -> torch.dtype:
-        """See :func:`fluxserve.engine.optimize.compute_dtype` (imports torch)."""
-        from fluxserve.engine.optimize import compute_dtype
-
-        return compute_dtype(device, self)
 
     def describe(self) -> str:
         """A ``from_strings`` spec that gives these settings back (for logs and /admin)."""

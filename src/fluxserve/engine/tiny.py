@@ -38,7 +38,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -147,8 +147,8 @@ def build_qwen_tokenizer() -> Any:
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     tokenizer = Qwen2Tokenizer(
         vocab=dict(model["vocab"]),
-        merges=merges,
-        unk_token=None,
+        merges=merges,  # type: ignore[arg-type]  # typed str | list[str]; the (a, b) pairs tokenizers emits work too
+        unk_token=None,  # type: ignore[arg-type]  # typed str, but None (no unknown token, as Qwen's) is accepted
         bos_token=None,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
@@ -256,7 +256,7 @@ def build_t5_text_encoder(tokenizer: Any, seed: int) -> Any:
     """Tiny T5 v1.1-style ``T5EncoderModel`` (gated-gelu), as FLUX.1 uses T5-XXL's encoder."""
     from transformers import T5Config, T5EncoderModel
 
-    config = T5Config(
+    config = T5Config(  # type: ignore[call-arg]  # these are PretrainedConfig **kwargs the T5Config signature omits
         vocab_size=len(tokenizer),
         d_model=32,
         d_kv=8,
@@ -297,7 +297,7 @@ def build_flux2_transformer(latent_channels: int, text_hidden_size: int, seed: i
             axes_dims_rope=(4, 4, 4, 4),
             rope_theta=2000,
             guidance_embeds=False,
-        ).eval()
+        ).eval()  # type: ignore[attr-defined]  # mypy resolves this name to diffusers' dummy placeholder class
 
 
 def build_flux1_transformer(
@@ -320,7 +320,7 @@ def build_flux1_transformer(
             pooled_projection_dim=clip_dim,
             guidance_embeds=True,
             axes_dims_rope=(4, 4, 8),
-        ).eval()
+        ).eval()  # type: ignore[attr-defined]  # mypy resolves this name to diffusers' dummy placeholder class
 
 
 # --------------------------------------------------------------------------------------
@@ -346,7 +346,7 @@ def build_flux2_vae(seed: int) -> Any:
             latent_channels=32,
             norm_num_groups=4,
             sample_size=256,
-        ).eval()
+        ).eval()  # type: ignore[attr-defined]  # mypy resolves this name to diffusers' dummy placeholder class
 
 
 def build_flux1_vae(seed: int) -> Any:
@@ -368,7 +368,7 @@ def build_flux1_vae(seed: int) -> Any:
             use_post_quant_conv=False,
             shift_factor=0.1159,
             scaling_factor=0.3611,
-        ).eval()
+        ).eval()  # type: ignore[attr-defined]  # mypy resolves this name to diffusers' dummy placeholder class
 
 
 # --------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import CursorResult, DefaultClause, Engine, Result, TextClause, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -18,6 +19,12 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.close()
+
+
+def rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE or DELETE matched. ``Session.execute`` is typed to return a plain Result,
+    but for those statements it is a CursorResult, which carries the count."""
+    return cast("CursorResult[Any]", result).rowcount
 
 
 def open_database(url: str) -> sessionmaker[Session]:
@@ -40,7 +47,7 @@ def open_database(url: str) -> sessionmaker[Session]:
 def upgrade_schema(engine: Engine) -> list[str]:
     """Add columns that newer versions define to tables an older version created. New columns
     are always nullable or carry a server default, so existing rows stay valid."""
-    added = []
+    added: list[str] = []
     existing_tables = set(inspect(engine).get_table_names())
     with engine.begin() as connection:
         for table in Base.metadata.sorted_tables:
@@ -51,13 +58,17 @@ def upgrade_schema(engine: Engine) -> list[str]:
                 if column.name in present:
                     continue
                 ddl = f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column.type.compile(engine.dialect)}"
-                if column.server_default is not None:
-                    ddl += f" DEFAULT {column.server_default.arg.text}"
+                default = column.server_default
+                if default is not None:
+                    # the only server defaults tables.py declares are text(...) clauses
+                    assert isinstance(default, DefaultClause) and isinstance(default.arg, TextClause), default
+                    ddl += f" DEFAULT {default.arg.text}"
                 connection.exec_driver_sql(ddl)
                 added.append(f"{table.name}.{column.name}")
             present_indexes = {index["name"] for index in inspect(connection).get_indexes(table.name)}
             for index in table.indexes:
                 if index.name not in present_indexes:
+                    assert index.name is not None  # index=True columns are named by the "ix_" naming convention
                     index.create(connection)
                     added.append(index.name)
     return added

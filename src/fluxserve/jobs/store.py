@@ -17,6 +17,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from fluxserve.contract import FailedAnswer
+from fluxserve.jobs.database import rowcount
 from fluxserve.jobs.status import DeliveryStatus, JobStatus
 from fluxserve.jobs.tables import Job, WebhookDelivery, utcnow
 
@@ -26,11 +27,11 @@ ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 def _claim(session: Session, job_id: int) -> bool:
     """queued -> running under a fresh claim token; False if another worker won the race."""
     now = utcnow()
-    return bool(session.execute(
+    return bool(rowcount(session.execute(
         update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
         .values(status=JobStatus.RUNNING.value, started_at=now, heartbeat_at=now, claim_token=str(uuid.uuid4()),
                 attempts=Job.attempts + 1, progress_step=0, progress_total=0)
-    ).rowcount)
+    )))
 
 
 def _storable_id(job_id: int) -> bool:
@@ -112,8 +113,8 @@ class JobStore:
             recent = select(Job.generation_time).where(Job.status == JobStatus.SUCCEEDED.value)
             if model is not None:
                 recent = recent.where(Job.model == model)
-            recent = recent.order_by(Job.id.desc()).limit(limit).subquery()
-            return session.scalar(select(func.avg(recent.c.generation_time)))
+            latest = recent.order_by(Job.id.desc()).limit(limit).subquery()
+            return session.scalar(select(func.avg(latest.c.generation_time)))
 
     def oldest_queued_age(self) -> float:
         """Seconds the oldest queued job has waited (0 with an empty queue)."""
@@ -156,7 +157,9 @@ class JobStore:
             with self._sessions.begin() as session:
                 won = _claim(session, job_id)
             if won:
-                claimed.append(self.get(job_id))
+                job = self.get(job_id)
+                assert job is not None  # just claimed, and jobs are never deleted
+                claimed.append(job)
         return claimed
 
     def heartbeat(self, job_id: int, token: str, step: int | None = None, total: int | None = None) -> bool:
@@ -167,10 +170,10 @@ class JobStore:
         if total is not None:
             values["progress_total"] = total
         with self._sessions.begin() as session:
-            return bool(session.execute(
+            return bool(rowcount(session.execute(
                 update(Job).where(Job.id == job_id, Job.claim_token == token, Job.status == JobStatus.RUNNING.value)
                 .values(**values)
-            ).rowcount)
+            )))
 
     def succeed(
         self, job_id: int, token: str, *, outputs: list[str], nsfw_detected: bool, generation_time: float,
@@ -190,13 +193,14 @@ class JobStore:
         self, job_id: int, token: str, status: JobStatus, payload: dict[str, Any] | None, **values: Any
     ) -> bool:
         with self._sessions.begin() as session:
-            changed = session.execute(
+            changed = rowcount(session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.claim_token == token)
                 .values(status=status.value, finished_at=utcnow(), claim_token=None, **values)
-            ).rowcount
+            ))
             if changed:
                 job = session.get(Job, job_id)
+                assert job is not None  # the update above just matched it
                 if payload is None and status is JobStatus.SUCCEEDED and job.webhook:
                     raise ValueError("succeed() needs the webhook payload for a job with a webhook")  # rolls back
                 self._queue_webhook(session, job, payload if payload is not None else failure_payload(job, job.error or "failed"))
@@ -221,11 +225,13 @@ class JobStore:
             query = update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
             if key_id is not None:
                 query = query.where(Job.key_id == key_id)
-            changed = session.execute(
+            changed = rowcount(session.execute(
                 query.values(status=JobStatus.CANCELLED.value, finished_at=utcnow(), error=message)
-            ).rowcount
+            ))
             if changed:
-                self._queue_webhook(session, session.get(Job, job_id), failure_payload(session.get(Job, job_id), message))
+                job = session.get(Job, job_id)
+                assert job is not None  # the update above just matched it
+                self._queue_webhook(session, job, failure_payload(job, message))
         return bool(changed)
 
     def cancel_queued(self, key_id: int | None = None, message: str = "Request was cancelled: queue cleared") -> list[int]:
@@ -243,7 +249,8 @@ class JobStore:
         cutoff = utcnow() - timedelta(seconds=lease_seconds)
         with self._sessions() as session:
             stale = list(session.scalars(select(Job).where(Job.status == JobStatus.RUNNING.value, _silent_since(cutoff))))
-        requeued, failed = [], []
+        requeued: list[int] = []
+        failed: list[int] = []
         for job in stale:
             outcome = self.recover(job.id, job.claim_token, max_attempts, silent_since=cutoff)
             (requeued if outcome == "requeued" else failed if outcome == "failed" else []).append(job.id)
@@ -265,13 +272,13 @@ class JobStore:
             if job.attempts >= max_attempts:
                 message = (f"Generation was interrupted: the worker stopped during all {job.attempts} "
                            "attempt(s); giving up. Please try again.")
-                if session.execute(guard.values(
+                if rowcount(session.execute(guard.values(
                     status=JobStatus.FAILED.value, finished_at=utcnow(), claim_token=None, error=message
-                )).rowcount:
+                ))):
                     self._queue_webhook(session, job, failure_payload(job, message))
                     return "failed"
                 return None
-            if session.execute(guard.values(status=JobStatus.QUEUED.value, claim_token=None)).rowcount:
+            if rowcount(session.execute(guard.values(status=JobStatus.QUEUED.value, claim_token=None))):
                 return "requeued"
             return None
 

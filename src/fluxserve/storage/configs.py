@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from fluxserve.jobs.database import rowcount
 from fluxserve.jobs.tables import StorageConfig, utcnow
 from fluxserve.secretbox import SecretBox, SecretBoxError
 from fluxserve.storage.base import Storage
@@ -46,8 +47,8 @@ class StorageConfigs:
 
     def remove(self, key_id: int, deploy_type: str) -> bool:
         with self._sessions.begin() as session:
-            return bool(session.execute(delete(StorageConfig).where(
-                StorageConfig.key_id == key_id, StorageConfig.deploy_type == deploy_type)).rowcount)
+            return bool(rowcount(session.execute(delete(StorageConfig).where(
+                StorageConfig.key_id == key_id, StorageConfig.deploy_type == deploy_type))))
 
     def for_job(self, key_id: int, deploy_type: str | None) -> dict[str, Any] | None:
         """The storage decision recorded in a new job's params (None: local disk): the key's

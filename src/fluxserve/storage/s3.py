@@ -16,6 +16,7 @@ import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 import boto3
@@ -219,7 +220,7 @@ class S3Uploader:
         self.attempts = int(attempts)
         self.connect_timeout = float(connect_timeout)
         self.read_timeout = float(read_timeout)
-        self._clients: OrderedDict[tuple, object] = OrderedDict()
+        self._clients: OrderedDict[tuple, Any] = OrderedDict()  # boto3 clients: generated at runtime, untyped
         self._lock = threading.Lock()
 
     # -- clients ---------------------------------------------------------------------------
@@ -266,7 +267,7 @@ class S3Uploader:
         for c in clients:
             try:
                 c.close()
-            except Exception:  # pragma: no cover - best effort
+            except Exception:  # noqa: BLE001 - best effort  # pragma: no cover
                 pass
 
     # -- operations ------------------------------------------------------------------------

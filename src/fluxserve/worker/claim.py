@@ -13,17 +13,24 @@ from fluxserve.jobs.tables import Job
 log = logging.getLogger(__name__)
 
 
+def claimed_token(job: Job) -> str:
+    """The claim token of a job this worker claimed (set by the claim, cleared only when the job
+    finishes or is taken back)."""
+    assert job.claim_token is not None, f"job {job.id} is not claimed"
+    return job.claim_token
+
+
 class Claim:
     """A job this worker runs: its heartbeat (from a side thread) and its progress."""
 
     def __init__(self, jobs: JobStore, job: Job, every: float):
-        self.jobs, self.job_id, self.token, self.every = jobs, job.id, job.claim_token, every
+        self.jobs, self.job_id, self.token, self.every = jobs, job.id, claimed_token(job), every
         self.step, self.total = 0, 0
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job.id}", daemon=True)
 
-    def start(self) -> "Claim":
+    def start(self) -> Claim:
         self._thread.start()
         return self
 

@@ -17,7 +17,7 @@ class WorkerConfig:
     idle_poll_seconds: float = 0.2  # how often an idle worker looks at the queue
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "WorkerConfig":
+    def from_settings(cls, settings: Any) -> WorkerConfig:
         return cls(
             max_attempts=settings.max_job_attempts, lease_seconds=settings.lease_seconds,
             heartbeat_seconds=settings.heartbeat_seconds, retention_seconds=settings.retention_seconds,

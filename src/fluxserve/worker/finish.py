@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import Protocol
 
 from PIL import Image
 
@@ -24,6 +24,7 @@ from fluxserve.png_encoding import encode_png
 from fluxserve.storage.configs import StorageConfigs, StorageUnavailable
 from fluxserve.storage.local import LocalStorage
 from fluxserve.storage.s3 import UploadError
+from fluxserve.worker.claim import claimed_token
 from fluxserve.worker.messages import Outcome
 from fluxserve.worker.prepare import PreparedJob
 
@@ -47,7 +48,7 @@ class FinisherThread:
     progress (``put`` blocks), so generated images never pile up in memory."""
 
     def __init__(self) -> None:
-        self._tasks: "queue.Queue[Callable[[], None] | None]" = queue.Queue(maxsize=1)
+        self._tasks: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=1)
         self._thread = threading.Thread(target=self._run, name="fluxserve-finisher", daemon=True)
         self._thread.start()
 
@@ -112,7 +113,7 @@ class ResultWriter:
         webhook = SuccessAnswer(id=job.id, output=links, proxy_links=links, generationTime=round(elapsed, 4),
                                 nsfw_content_detected=nsfw, meta=meta)
         finished = self.jobs.succeed(
-            job.id, job.claim_token, outputs=names, nsfw_detected=nsfw, generation_time=elapsed, meta=meta,
+            job.id, claimed_token(job), outputs=names, nsfw_detected=nsfw, generation_time=elapsed, meta=meta,
             expires_at=utcnow() + timedelta(seconds=self.retention_seconds),
             webhook_payload={**webhook.body(), "track_id": job.track_id}, output_urls=output_urls,
         )
@@ -134,7 +135,9 @@ class ResultWriter:
         if isinstance(exc, JobAborted):
             log.warning("job %s: claim lost mid-run; its new owner will finish it", job.id)
             return Outcome.LOST, None
-        self.jobs.fail(job.id, job.claim_token, self.failure_message(job, exc))
+        if not self.jobs.fail(job.id, claimed_token(job), self.failure_message(job, exc)):
+            log.warning("job %s failed after its claim was lost; its new owner will finish it", job.id)
+            return Outcome.LOST, None
         return Outcome.FAILED, None
 
     def failure_message(self, job: Job, exc: Exception) -> str:

@@ -10,6 +10,7 @@ package never imports torch.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import queue
@@ -27,11 +28,17 @@ from fluxserve.models import ModelSpec, Registry
 from fluxserve.params import JobParams
 from fluxserve.storage.configs import StorageConfigs
 from fluxserve.storage.local import LocalStorage
-from fluxserve.worker.claim import Claim
+from fluxserve.worker.claim import Claim, claimed_token
 from fluxserve.worker.config import WorkerConfig
 from fluxserve.worker.finish import FinisherThread, ResultWriter, Safety
 from fluxserve.worker.messages import (
-    Command, JobFinished, JobStarted, NullSink, Outcome, Sink, StatusReport,
+    Command,
+    JobFinished,
+    JobStarted,
+    NullSink,
+    Outcome,
+    Sink,
+    StatusReport,
 )
 from fluxserve.worker.prepare import Preparer
 
@@ -41,7 +48,8 @@ log = logging.getLogger(__name__)
 
 
 class Engine(Protocol):
-    device: str
+    @property
+    def device(self) -> str: ...
 
     def load(self, spec: ModelSpec) -> None: ...
     def pipeline(self, spec: ModelSpec) -> Any: ...
@@ -67,7 +75,7 @@ class Worker:
     def __init__(
         self, *, registry: Registry, jobs: JobStore, engine: Engine, safety: Safety, outputs: LocalStorage,
         inputs: LocalStorage, config: WorkerConfig | None = None, sink: Sink | None = None,
-        commands: "queue.Queue[Command] | Any" = None, storage_configs: StorageConfigs | None = None,
+        commands: queue.Queue[Command] | Any = None, storage_configs: StorageConfigs | None = None,
         enhancer: Any = None,
     ):
         self.config = config or WorkerConfig()
@@ -152,7 +160,11 @@ class Worker:
             self._handle(command)
 
     def _handle(self, command: Command | str) -> None:
-        command = Command(command)
+        try:
+            command = Command(command)
+        except ValueError:
+            log.warning("ignoring unknown worker command %r", command)
+            return
         if command is Command.STOP:
             self._stopping.set()
         elif command is Command.CLEAR_CACHE:
@@ -170,8 +182,18 @@ class Worker:
         STATUS_EVERY_SECONDS, and otherwise once the worker has had no work for
         STATUS_IDLE_SECONDS (by then the last answers have gone out)."""
         self._status_due = True
-        changed = self.engine.loaded() != self._reported_models  # a model was loaded or evicted
-        if changed or time.monotonic() - self._last_status >= STATUS_EVERY_SECONDS:
+        if self._models_changed() or time.monotonic() - self._last_status >= STATUS_EVERY_SECONDS:
+            self.report_status()
+
+    def _models_changed(self) -> bool:
+        return self.engine.loaded() != self._reported_models  # a model was loaded or evicted
+
+    def _load(self, spec: ModelSpec) -> None:
+        """Load the job's model outside the timed section (generationTime is generation); a newly
+        loaded (or evicted) model is reported before the job runs, so system_details lists it by
+        the time the job is answered."""
+        self.engine.load(spec)
+        if self._models_changed():
             self.report_status()
 
     def report_status(self) -> None:
@@ -201,14 +223,14 @@ class Worker:
     # -- one job, or a batch of compatible ones ----------------------------------------------
     def process(self, job: Job) -> None:
         """Generate now; finish (safety, PNG, store, commit) on the finisher thread."""
-        self.sink.report(JobStarted(job.id, job.claim_token))
+        self.sink.report(JobStarted(job.id, claimed_token(job)))
         self._run_one(job, Claim(self.jobs, job, self.config.heartbeat_seconds).start())
 
     def process_batch(self, jobs: list[Job]) -> None:
         """Compatible jobs in one pipeline call; if that call fails, each job runs alone (so one
         bad job or an out-of-memory batch costs no other job its result)."""
         for job in jobs:
-            self.sink.report(JobStarted(job.id, job.claim_token))
+            self.sink.report(JobStarted(job.id, claimed_token(job)))
         claims = [Claim(self.jobs, job, self.config.heartbeat_seconds).start() for job in jobs]
         try:
             finishes = self._generate_batch(jobs, claims)
@@ -224,14 +246,18 @@ class Worker:
         try:
             finish = self._generate_solo(job, claim)
         except Exception as exc:  # noqa: BLE001 - recorded as the job's failure, here, before the next job
-            self._conclude([(job, claim)], lambda error=exc: [self.results.fail(job, error)])
+
+            def record(error: Exception = exc) -> list[tuple[Outcome, float | None]]:
+                return [self.results.fail(job, error)]
+
+            self._conclude([(job, claim)], record)
             return
         self._finish_later([(job, claim, finish)])
 
     def _generate_solo(self, job: Job, claim: Claim) -> Finish:
         """Generate one job's images; returns the step that finishes it."""
         prepared = self.preparer.prepare(job)
-        self.engine.load(prepared.spec)  # load outside the timed section: generationTime is generation
+        self._load(prepared.spec)
         started = time.perf_counter()
         images = self.engine.generate(prepared.spec, prepared.params, prepared.inputs, progress=claim.progress)
         return lambda: self.results.succeed(prepared, images, started)
@@ -239,7 +265,7 @@ class Worker:
     def _generate_batch(self, jobs: list[Job], claims: list[Claim]) -> list[Finish]:
         prepared = [self.preparer.prepare(job) for job in jobs]
         spec = prepared[0].spec
-        self.engine.load(spec)
+        self._load(spec)
         started = time.perf_counter()
 
         def progress(step: int, total: int) -> None:
@@ -250,7 +276,7 @@ class Worker:
         finishes: list[Finish] = []
         for one, images in zip(prepared, batches):
             one.meta["batch_size"] = len(jobs)  # shared a pipeline call with this many jobs
-            finishes.append(lambda one=one, images=images: self.results.succeed(one, images, started))
+            finishes.append(functools.partial(self.results.succeed, one, images, started))
         return finishes
 
     def _finish_later(self, items: list[tuple[Job, Claim, Finish]]) -> None:
@@ -261,10 +287,13 @@ class Worker:
     def _conclude(self, jobs: list[tuple[Job, Claim]],
                   record: Callable[[], list[tuple[Outcome, float | None]]]) -> None:
         """Jobs are over: ``record`` writes how each ended (finished, failed or lost); their
-        heartbeats stop (even if that write failed: the lease then requeues them); they are
-        reported."""
+        heartbeats stop (even if that write failed: the lease then requeues them, and the worker
+        goes on); they are reported."""
         try:
             results = record()
+        except Exception:  # noqa: BLE001 - e.g. the database is away: the lease brings the jobs back
+            log.exception("recording how jobs %s ended failed; their leases will requeue them", [j.id for j, _ in jobs])
+            return
         finally:
             for _, claim in jobs:
                 claim.stop()

@@ -48,11 +48,13 @@ class Preparer:
         if params.mask:
             mask = self._load(params.mask, "L")
             if references and mask.size != references[0].size:  # any size: resized to the image
-                mask = mask.resize(references[0].size, Image.BILINEAR)
+                mask = mask.resize(references[0].size, Image.Resampling.BILINEAR)
         return Inputs(references=references, second=self._load(params.input_2) if params.input_2 else None, mask=mask)
 
     def _load(self, name: str, mode: str = "RGB") -> Image.Image:
-        with Image.open(self.inputs.path_for(name)) as image:
+        path = self.inputs.path_for(name)
+        assert path is not None, f"unsafe input name {name!r}"  # job params hold only names the API stored
+        with Image.open(path) as image:
             return image.convert(mode)
 
     def _enhance(self, prompt: str, meta: dict[str, Any]) -> str:

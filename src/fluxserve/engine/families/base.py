@@ -56,6 +56,11 @@ class Inputs:
     second: Image.Image | None = None
     mask: Image.Image | None = None  # mode "L", the size of references[0]; white = repaint
 
+    def inpaint_mask(self) -> Image.Image:
+        """The mask of an inpaint job (``Registry.check_inputs`` refuses inpainting without one)."""
+        assert self.mask is not None, "an inpaint job brings a mask"
+        return self.mask
+
 
 @dataclass(frozen=True)
 class PipelineCall:
@@ -115,16 +120,32 @@ class Family:
 
 
 # -- helpers the families share -------------------------------------------------------------------
+def text2img_batch_key(params: JobParams, *more: object) -> str | None:
+    """Text-to-image jobs of one model with the same size, steps and guidance (and ``more``) may
+    share a call; other tasks never batch (their init images differ)."""
+    if params.task != Task.TEXT2IMG:
+        return None
+    return "|".join(str(part) for part in (params.model, f"{params.width}x{params.height}", params.steps,
+                                           params.guidance, *more))
+
+
+def batch_prompts(jobs: list[JobParams]) -> list[str]:
+    """One prompt per image of a batch, job after job (the engine passes one generator per image)."""
+    if any(p.task != Task.TEXT2IMG for p in jobs):
+        raise ValueError("only text-to-image jobs are batched")
+    return [p.prompt for p in jobs for _ in p.seeds]
+
+
 def fit_area(image: Image.Image, max_area: int = MAX_REFERENCE_AREA) -> Image.Image:
     """Scale ``image`` down (keeping its aspect) until it has at most ``max_area`` pixels."""
     if image.width * image.height <= max_area:
         return image
     scale = (max_area / (image.width * image.height)) ** 0.5
-    return image.resize((max(16, int(image.width * scale)), max(16, int(image.height * scale))), Image.LANCZOS)
+    return image.resize((max(16, int(image.width * scale)), max(16, int(image.height * scale))), Image.Resampling.LANCZOS)
 
 
 def resized(image: Image.Image, width: int, height: int) -> Image.Image:
-    return image if image.size == (width, height) else image.resize((width, height), Image.LANCZOS)
+    return image if image.size == (width, height) else image.resize((width, height), Image.Resampling.LANCZOS)
 
 
 def blank_mask(width: int, height: int) -> Image.Image:
@@ -135,8 +156,8 @@ def blank_mask(width: int, height: int) -> Image.Image:
 def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
     """Two references for a one-image pipeline: pasted next to each other at the same height."""
     height = max(left.height, right.height)
-    left = left.resize((round(left.width * height / left.height), height), Image.LANCZOS)
-    right = right.resize((round(right.width * height / right.height), height), Image.LANCZOS)
+    left = left.resize((round(left.width * height / left.height), height), Image.Resampling.LANCZOS)
+    right = right.resize((round(right.width * height / right.height), height), Image.Resampling.LANCZOS)
     canvas = Image.new("RGB", (left.width + right.width, height), (255, 255, 255))
     canvas.paste(left, (0, 0))
     canvas.paste(right, (left.width, 0))

@@ -24,7 +24,7 @@ class Fill(Family):
         return PipelineCall(PIPELINE, dict(
             prompt=params.prompt, height=height, width=width, num_inference_steps=params.steps,
             guidance_scale=params.guidance, image=resized(inputs.references[0], width, height),
-            mask_image=resized(inputs.mask, width, height), strength=params.strength,
+            mask_image=resized(inputs.inpaint_mask(), width, height), strength=params.strength,
         ))
 
     def warm_calls(self, width: int, height: int, batch: int = 1) -> list[PipelineCall]:

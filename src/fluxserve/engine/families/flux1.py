@@ -1,5 +1,5 @@
-"""FLUX.1 [dev] and [schnell] (``FluxPipeline``): text-to-image, image-to-image and inpainting,
-the three sharing one copy of the weights. Guidance-distilled (``guidance_scale`` is an input of
+"""FLUX.1 [dev] and [schnell] (``FluxPipeline``): text-to-image (batched across compatible jobs),
+image-to-image and inpainting, the three sharing one copy of the weights. Guidance-distilled (``guidance_scale`` is an input of
 the transformer); ``negative_prompt`` is applied with true classifier-free guidance when
 ``true_cfg_scale`` > 1, at twice the cost.
 
@@ -11,7 +11,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from fluxserve.engine.families.base import Family, Inputs, Limits, PipelineCall, Task, resized
+from fluxserve.engine.families.base import (
+    Family,
+    Inputs,
+    Limits,
+    PipelineCall,
+    Task,
+    batch_prompts,
+    resized,
+    text2img_batch_key,
+)
 from fluxserve.params import JobParams
 
 PIPELINE = "FluxPipeline"
@@ -32,9 +41,27 @@ class Flux1(Family):
             return PipelineCall(PIPELINE, common)
         start = resized(inputs.references[0], width, height)
         if params.task == Task.INPAINT:
-            return PipelineCall(INPAINT, dict(common, image=start, mask_image=resized(inputs.mask, width, height),
+            return PipelineCall(INPAINT, dict(common, image=start, mask_image=resized(inputs.inpaint_mask(), width, height),
                                               strength=params.strength))
         return PipelineCall(IMG2IMG, dict(common, image=start, strength=params.strength))
+
+    def batch_key(self, params: JobParams) -> str | None:
+        """Text-to-image without true CFG (a negative prompt doubles the batch; not worth the
+        complexity) batches; each image equals its solo run (CPU, tested)."""
+        if params.negative_prompt and params.true_cfg_scale > 1:
+            return None
+        return text2img_batch_key(params, params.true_cfg_scale)
+
+    def batch_call(self, jobs: list[JobParams], width: int, height: int) -> PipelineCall:
+        return PipelineCall(PIPELINE, dict(flux1_arguments(jobs[0], width, height), prompt=batch_prompts(jobs),
+                                           negative_prompt=None, num_images_per_prompt=1))
+
+    def warm_calls(self, width: int, height: int, batch: int = 1) -> list[PipelineCall]:
+        base = {"prompt": "warm-up", "width": width, "height": height}
+        calls = [PipelineCall(PIPELINE, base)]
+        if batch > 1:  # as klein: a second batch size makes the compiled blocks batch-dynamic
+            calls.append(PipelineCall(PIPELINE, dict(base, prompt=["warm-up", "warm-up, batched"])))
+        return calls
 
     def build_tiny(self, seed: int) -> Any:
         from diffusers import FluxPipeline

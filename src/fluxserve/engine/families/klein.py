@@ -13,7 +13,16 @@ from __future__ import annotations
 from typing import Any
 
 from fluxserve.engine.families.base import (
-    Family, Inputs, Limits, PipelineCall, Task, blank_mask, fit_area, resized,
+    Family,
+    Inputs,
+    Limits,
+    PipelineCall,
+    Task,
+    batch_prompts,
+    blank_mask,
+    fit_area,
+    resized,
+    text2img_batch_key,
 )
 from fluxserve.params import JobParams
 
@@ -38,7 +47,7 @@ class Klein(Family):
         if params.task == Task.INPAINT:
             return PipelineCall(INPAINT, dict(
                 common, image=start, image_reference=references[1:] or None,
-                mask_image=resized(inputs.mask, width, height), strength=params.strength,
+                mask_image=resized(inputs.inpaint_mask(), width, height), strength=params.strength,
             ))
         if params.strength is None or params.strength >= 1:
             return PipelineCall(PIPELINE, dict(common, image=references))
@@ -48,17 +57,11 @@ class Klein(Family):
         ))
 
     def batch_key(self, params: JobParams) -> str | None:
-        if params.task != Task.TEXT2IMG:
-            return None
-        return f"{params.model}|{params.width}x{params.height}|{params.steps}|{params.guidance}"
+        return text2img_batch_key(params)
 
     def batch_call(self, jobs: list[JobParams], width: int, height: int) -> PipelineCall:
-        """One prompt per image; the engine passes one seeded generator per image."""
-        if any(p.task != Task.TEXT2IMG for p in jobs):
-            raise ValueError("only text-to-image jobs are batched")
-        first = jobs[0]
-        prompts = [p.prompt for p in jobs for _ in p.seeds]
-        return PipelineCall(PIPELINE, dict(_common(first, width, height), prompt=prompts, num_images_per_prompt=1))
+        return PipelineCall(PIPELINE, dict(_common(jobs[0], width, height), prompt=batch_prompts(jobs),
+                                           num_images_per_prompt=1))
 
     def warm_calls(self, width: int, height: int, batch: int = 1) -> list[PipelineCall]:
         base = {"prompt": "warm-up", "width": width, "height": height}

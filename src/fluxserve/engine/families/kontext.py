@@ -15,7 +15,15 @@ from __future__ import annotations
 from typing import Any
 
 from fluxserve.engine.families.base import (
-    Family, Inputs, Limits, PipelineCall, Task, blank_mask, fit_area, resized, side_by_side,
+    Family,
+    Inputs,
+    Limits,
+    PipelineCall,
+    Task,
+    blank_mask,
+    fit_area,
+    resized,
+    side_by_side,
 )
 from fluxserve.engine.families.flux1 import flux1_arguments
 from fluxserve.params import JobParams
@@ -40,7 +48,7 @@ class Kontext(Family):
         if params.task == Task.INPAINT:
             return PipelineCall(INPAINT, dict(
                 common, image=start, image_reference=fit_area(second) if second is not None else None,
-                mask_image=resized(inputs.mask, width, height), strength=params.strength,
+                mask_image=resized(inputs.inpaint_mask(), width, height), strength=params.strength,
             ))
         reference = fit_area(side_by_side(first, second) if second is not None else first)
         if params.strength is None or params.strength >= 1:
