@@ -85,3 +85,10 @@ def test_a_stage_past_its_timeout_is_stopped_with_its_children(tmp_path):
     child = int(marker.read_text())
     alive = subprocess.run(["ps", "-o", "stat=", "-p", str(child)], capture_output=True, text=True).stdout.strip()
     assert alive in ("", "Z"), alive  # gone (or a zombie waiting for its reaper)
+
+
+def test_the_tests_stage_runs_every_gpu_test_file():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    assert sorted(run.GPU_TEST_FILES) == sorted(str(p.relative_to(root)) for p in (root / "tests/gpu").glob("test_*.py"))

@@ -52,12 +52,17 @@ def _stages_cmd(*args: str) -> list[str]:
     return [PY, "-m", "bench.stages", *args]
 
 
+#: cheap and most telling first, compile (minutes of inductor work on a cold machine) last: if the
+#: stage's cap cuts pytest short, the earlier tests' lines and reports are already written
+GPU_TEST_FILES = [f"tests/gpu/test_{name}_gpu.py" for name in ("service", "residency", "offload", "oom", "batching",
+                                                                 "compile")]
+
 #: priority order (issue 15): the tests, then (a) service vs bare at 1024², (b) stages / roofline,
 #: (c) batching at 512², (d) the switches (compile last: its warm-up alone takes minutes), (e) Kontext
 STAGES = [
     Stage("tests", "pytest -m gpu: service in bf16, residency, offload, OOM, compile, batched == solo",
           est_s={"true": 90, "small": 90}, cap_s={"true": 180, "small": 300},
-          argv={scale: [PY, "-m", "pytest", "-m", "gpu", "tests/gpu", "-p", "no:cacheprovider", "-q",
+          argv={scale: [PY, "-m", "pytest", "-m", "gpu", *GPU_TEST_FILES, "-p", "no:cacheprovider", "-v",
                         "--timeout", "150"] for scale in ("true", "small")}, kind="tests"),
     Stage("klein_1024", "(a) klein-4B 1024², 4 steps, end to end: service vs bare, switches none and default",
           est_s={"true": 80, "small": 40}, cap_s={"true": 180, "small": 150},
