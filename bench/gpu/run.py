@@ -191,10 +191,14 @@ class Run:
         argv = list(stage.argv[self.scale])
         env = dict(os.environ)
         json_path = self.raw / f"gpu-{stage.name}.json"
+        json_path.unlink(missing_ok=True)  # a warm machine keeps /tmp: no result of an earlier call counts
         if stage.kind == "bench":
             argv += ["--json", str(json_path)]
         else:
             junit = self.logs / "tests-junit.xml"
+            junit.unlink(missing_ok=True)
+            for old in self.test_reports.glob("*.json"):
+                old.unlink()
             argv += [f"--junitxml={junit}"]
             env["FLUXSERVE_GPU_REPORT_DIR"] = str(self.test_reports)
             if self.scale == "small":

@@ -62,7 +62,9 @@ def test_compiled_pipeline_warms_up_once_and_stays_close_to_eager(tiny_root, dev
         gpu_report["two_calls_after_warm_up_s"] = time.perf_counter() - started
     difference = float(np.abs(compiled - eager).max()) * 255
     gpu_report["max_difference_vs_eager_levels"] = difference
-    assert difference <= 4, difference  # fused kernels round differently; a broken graph is far off
+    # fused kernels round differently (in bf16 on the GPU more than in fp32: each eager op rounds to
+    # bf16, a fused kernel once); a broken graph is far off
+    assert difference <= 8, difference
 
 
 def _strict_worker(monkeypatch):
