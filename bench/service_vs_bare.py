@@ -179,7 +179,7 @@ class Bench:
                 for index, spec in enumerate(args.optimizations):
                     source = f"{INJECTED}{args.model}-{args.scale}-{index}"
                     self.sources[spec] = source
-                    self.inject[source] = self.pipeline if spec == "none" else _own_copy(self.pipeline)
+                    self.inject[source] = self.pipeline if split_spec(spec)[0] == "none" else _own_copy(self.pipeline)
         self.bare_images: dict[tuple[str, int], Any] = {}
         self._bare_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-bare")
         self.identity = {spec: {"identical": False, "identical_images": 0, "compared_images": 0,
@@ -350,12 +350,14 @@ class Bench:
             stack.enter_context(injected_pipelines(self.inject))
             services = {}
             for index, spec in enumerate(self.args.optimizations):
+                switches, own_settings = split_spec(spec)
                 settings = dict(self.args.settings)
                 settings.update(
                     worker="thread", device=self.device, sync_wait_seconds=self.args.sync_wait,
                     max_queued_per_key=self.args.requests + 16, rate_limit_per_key="", rate_limit_per_address="",
-                    optimizations="" if spec == "default" else spec,
+                    optimizations="" if switches == "default" else switches,
                 )
+                settings.update(own_settings)
                 if self.sources:
                     settings["model_overrides"] = {self.workload.model_id: {"source": self.sources[spec]}}
                 services[spec] = stack.enter_context(live_server(self.work / f"data-{index}", self.tiny_root,
@@ -497,6 +499,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def split_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """An --optimizations spec -> (its FLUXSERVE_OPTIMIZATIONS value, settings of that service
+    alone): "default@max_batch_size=8@batch_wait_seconds=0.05" is the default switches with
+    dynamic batching, so one run compares batching off and on with the same weights."""
+    switches, *settings = spec.split("@")
+    return switches.strip(), dict(_setting(text) for text in settings)
+
+
 def _setting(text: str) -> tuple[str, Any]:
     name, sep, value = text.partition("=")
     if not sep or not name.strip():
@@ -517,11 +527,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=256, help="width = height, 256-1024, a multiple of 16")
     parser.add_argument("--steps", type=int, default=None, help="default: the service's (klein 4, kontext 28)")
     parser.add_argument("--requests", type=int, default=16, help="requests per run (each mode)")
-    parser.add_argument("--clients", default="1,4,8", help="concurrent client counts, comma-separated")
+    parser.add_argument("--clients", default="1,4,8", help="concurrent client counts, comma-separated (\"\": sequential runs only)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every mode (median reported)")
     parser.add_argument("--optimizations", default="none;default",
                         help='one service per spec, ";"-separated FLUXSERVE_OPTIMIZATIONS values ("default": the '
-                             'service\'s defaults, "none": plain diffusers, e.g. "none;default;compile")')
+                             'service\'s defaults, "none": plain diffusers, e.g. "none;default;compile"), each '
+                             'optionally followed by settings of its service alone: "default;default@max_batch_size=8"')
     parser.add_argument("--setting", dest="settings", action="append", type=_setting, default=[],
                         metavar="NAME=VALUE", help="a further service setting (JSON value), e.g. max_batch_size=4")
     parser.add_argument("--safety", action="store_true", help="safety_checker on in the service's requests")
@@ -550,6 +561,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--requests, --rounds, --steps and --clients must be >= 1")
     if not args.optimizations:
         parser.error("--optimizations needs at least one spec")
+    try:
+        [split_spec(spec) for spec in args.optimizations]
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"--optimizations: {exc}")
     if args.via_disk and args.scale == "tiny":
         parser.error("--via-disk is for --scale small or true (tiny is always loaded from disk)")
     return args

@@ -211,3 +211,15 @@ def test_png_benchmark_runs_and_every_encoding_is_lossless(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["picture"], r["encoder"]) for r in rows][:2] == [("noise", "pillow default"), ("noise", "fluxserve, one strip")]
     assert len(rows) == 9 and all(r["lossless"] and r["seconds"] > 0 for r in rows)
+
+
+def test_a_spec_can_carry_settings_of_its_own_service():
+    """`default;default@max_batch_size=8`: one run compares batching off and on (bench/gpu/run.sh)."""
+    from bench.service_vs_bare import parse_args, split_spec
+
+    args = parse_args(["--optimizations", "default;default@max_batch_size=8@batch_wait_seconds=0.05", "--clients", ""])
+    assert args.clients == []
+    assert [split_spec(spec) for spec in args.optimizations] == [
+        ("default", {}), ("default", {"max_batch_size": 8, "batch_wait_seconds": 0.05})]
+    with pytest.raises(SystemExit):
+        parse_args(["--optimizations", "default@max_batch_size"])

@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import psycopg
 
 SERVER_USER = "postgres"  # the unprivileged system user to run as when we are root
 DATABASE = "fluxserve_test"
@@ -106,6 +105,8 @@ def running_postgres(tmp_dir: Path | str) -> Iterator[str]:
         (data / "pg_hba.conf").write_text("local all all trust\nhost  all all 127.0.0.1/32 trust\n")
         run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "start")
         server = f"postgresql://postgres@127.0.0.1:{port}"
+        import psycopg  # here, not at import: the GPU run's tests have no psycopg
+
         with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {DATABASE}")
         yield f"{server}/{DATABASE}"
@@ -119,6 +120,8 @@ def running_postgres(tmp_dir: Path | str) -> Iterator[str]:
 
 def create_database(url: str, name: str) -> str:
     """Create database `name` on the server of `url` and return the URL pointing at it."""
+    import psycopg
+
     server, _, _ = url.rpartition("/")
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')

@@ -19,16 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-import boto3
-import botocore.config
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    ReadTimeoutError,
-)
-
 __all__ = ["S3Details", "S3Storage", "S3Uploader", "UploadError"]
 
 NO_BUCKET_MESSAGE = (
@@ -251,6 +241,9 @@ class S3Uploader:
             # S3-compatible servers reject; send them only where the operation requires one
             options["request_checksum_calculation"] = "when_required"
             options["response_checksum_validation"] = "when_required"
+        import boto3  # here, not at import: boto3 is needed only where S3 is used
+        import botocore.config
+
         return boto3.session.Session().client(
             "s3",
             endpoint_url=details.endpoint_url,
@@ -311,6 +304,16 @@ class S3Uploader:
 
 def _reason(exc: BaseException, details: S3Details, bucket: bool = False) -> str:
     """A short, credential-free account of a boto3 failure."""
+    try:
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            ConnectTimeoutError,
+            EndpointConnectionError,
+            ReadTimeoutError,
+        )
+    except ImportError:  # no botocore: the failure is not one of its errors (e.g. boto3 is missing)
+        return _scrub(type(exc).__name__ + (f": {exc}" if str(exc) else ""), details)
     where = details.where()
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {}) or {}
