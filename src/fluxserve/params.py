@@ -63,6 +63,7 @@ class JobParams:
     remote: dict[str, Any] | None = None
     enhance_prompt: bool = False
     mask: str | None = None  # stored mask file (inpainting), the size of inputs[0]
+    base64_inline: bool = False  # with base64: the images themselves in output (else .base64 files' URLs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

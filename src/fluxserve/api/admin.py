@@ -74,15 +74,17 @@ async def clear_queue(server: str, _key: AdminKey, services: ServicesDep) -> dic
     cancelled = await run_in_threadpool(services.generation.jobs.cancel_queued)
     for job_id in cancelled:
         services.generation.events.job_changed(job_id)
-    return {"status": "success", "message": f"Queue cleared: {len(cancelled)} queued requests cancelled",
-            "cancelled": cancelled}
+    # ModelsLab's message; here the server does not restart: the queued requests are cancelled
+    return {"status": "success", "message": "Queue cleared, server is restarting", "cancelled": cancelled,
+            "detail": f"{len(cancelled)} queued requests cancelled; running jobs finish; the worker keeps running"}
 
 
 @admin.post("/{server}/restart_server")
 async def restart_server(server: str, _key: AdminKey, services: ServicesDep) -> dict:
     _check_server(server)
     _host(services).restart()
-    return {"status": "success", "message": "Worker restarting: models reload on next use; queued requests are kept"}
+    return {"status": "success", "message": "server restarting",
+            "detail": "the worker restarts: models reload on next use; queued requests are kept"}
 
 
 @admin.post("/{server}/update_server")
@@ -110,7 +112,7 @@ async def update_server(server: str, _key: AdminKey, services: ServicesDep) -> d
         live = old.model_copy(update={name: getattr(new, name) for name in applied})
         generation.settings, generation.registry = live, registry
         _host(services).restart(live)
-    return {"status": "success", "message": "Configuration reloaded", "applied": applied,
+    return {"status": "success", "message": "Server updated successfully", "applied": applied,
             "needs_process_restart": needs_restart}
 
 

@@ -50,11 +50,13 @@ async def _presented_key(request: Request) -> str | None:
     except ValueError:
         return None
     key = body.get("key") if isinstance(body, dict) else None
-    return key if isinstance(key, str) else None
+    return None if key is None else key if isinstance(key, str) else str(key)  # a number is a (wrong) key
 
 
 async def require_key(request: Request, services: Annotated[Services, Depends(get_services)]) -> ApiKey:
     presented = await _presented_key(request)
+    if not presented or not presented.strip():
+        raise ApiError(401, "API key required")
     key = await run_in_threadpool(services.keys.authenticate, presented)
     if key is None:
         raise ApiError(401, "Invalid API key")

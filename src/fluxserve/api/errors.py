@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,7 +23,17 @@ class ApiError(Exception):
 
 
 def error_response(status_code: int, message: str, **extra) -> JSONResponse:
-    return JSONResponse({"status": "error", "message": message, **extra}, status_code=status_code)
+    return JSONResponse({"status": "error", "message": message, **extra}, status_code=status_code,
+                        headers=retry_headers(extra.get("retry_after")))
+
+
+def retry_headers(retry_after: object) -> dict[str, str]:
+    """With a ``retry_after`` (seconds), the headers clients read on a 429 or 503: ``Retry-After``
+    (seconds) and ``X-RateLimit-Reset`` (the unix time the limit resets; the ModelsLab CLI reads it)."""
+    if not isinstance(retry_after, (int, float)) or isinstance(retry_after, bool):
+        return {}
+    seconds = max(0, math.ceil(retry_after))
+    return {"Retry-After": str(seconds), "X-RateLimit-Reset": str(math.ceil(time.time()) + seconds)}
 
 
 def validation_message(exc: RequestValidationError) -> str:

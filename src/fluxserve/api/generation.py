@@ -62,6 +62,9 @@ class GenerationService:
 
     async def generate(self, key: ApiKey, family: PathFamily, action: Action, body: GenerationBody) -> JSONResponse:
         """A generation route's work: the model, the request, the job, the answer."""
+        problem = body.size_problem(family.min_side, family.side_multiple)
+        if problem:
+            raise ApiError(400, problem)
         spec = self.choose_model(action, body.model_id)
         return await self.submit(key, body.to_request(family.server, spec.name), deploy_type=family.deploy_type_of(action))
 
@@ -72,6 +75,7 @@ class GenerationService:
         input_2 = await self._store_image(request.init_image_2) if request.init_image_2 else None
         mask = await self._store_image(request.mask_image, what="mask") if request.mask_image else None
         params = self._resolve(request, spec, inputs, input_2, mask)
+        params.base64_inline = request.base64 and self.settings.base64_inline
         if self.storage_configs is not None and not request.temp:  # temp: local, expiring, even with S3
             params.remote = await run_in_threadpool(self.storage_configs.for_job, key.id, deploy_type)
         file_prefix = str(uuid.uuid4())
@@ -151,7 +155,7 @@ class GenerationService:
         yes_no = {True: "yes", False: "no"}
         meta: dict[str, Any] = {
             "prompt": params.prompt,
-            "negative_prompt": params.negative_prompt,
+            "negative_prompt": params.negative_prompt or "",  # a string, as ModelsLab's typed clients expect
             "negative_prompt_applied": bool(
                 params.negative_prompt and spec.negative_prompt_supported and params.true_cfg_scale > 1
             ),
@@ -170,6 +174,13 @@ class GenerationService:
             "enhance_prompt": yes_no[params.enhance_prompt],
             "file_prefix": file_prefix,
             "track_id": request.track_id,
+            "webhook": request.webhook,
+            # fields ModelsLab's meta carries, as they are here: flagged images are blacked out, no
+            # watermark is added, outputs are files under outputs/, prompts are rewritten without a style
+            "safety_checker_type": "black",
+            "watermark": "no",
+            "outdir": "outputs",
+            "enhance_style": None,
         }
         if spec.negative_prompt_supported:
             meta["true_cfg_scale"] = params.true_cfg_scale
@@ -224,10 +235,8 @@ class GenerationService:
                     return JSONResponse(expired_body(job, webhook_status))
                 body = success_body(job, self.storage, webhook_status, inline=False)  # S3 copies stay
             return JSONResponse(body)
-        if status is JobStatus.FAILED:
-            return JSONResponse(failure_body(job), status_code=500)
-        if status is JobStatus.CANCELLED:
-            return JSONResponse(failure_body(job), status_code=410)
+        if status in (JobStatus.FAILED, JobStatus.CANCELLED):  # served: the job failed (HTTP 200, as ModelsLab)
+            return JSONResponse(failure_body(job))
         eta = await run_in_threadpool(self.eta, job)
         return JSONResponse(processing_body(job, self.storage, self.settings.base_url, eta))
 

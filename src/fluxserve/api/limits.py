@@ -14,14 +14,15 @@ from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fluxserve.api.errors import ApiError
+from fluxserve.api.errors import ApiError, retry_headers
 
 
 async def _send_error(send: Send, status: int, message: str, **extra) -> None:
     body = json.dumps({"status": "error", "message": message, **extra}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close")]
+    headers += [(name.lower().encode(), value.encode()) for name, value in retry_headers(extra.get("retry_after")).items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 

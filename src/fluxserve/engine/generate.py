@@ -35,11 +35,14 @@ def seeded_generator(seed: int) -> torch.Generator:
 
 
 def crop_to(image: Image.Image, width: int, height: int) -> Image.Image:
-    """The centre ``width`` x ``height`` of an image generated at the family's size multiple."""
+    """Exactly ``width`` x ``height``: the centre of an image generated at the family's size
+    multiple (a few pixels more), or the whole image scaled, when it was generated larger."""
     if image.size == (width, height):
         return image
-    left, top = (image.width - width) // 2, (image.height - height) // 2
-    return image.crop((left, top, left + width, top + height))
+    if width <= image.width < width + 16 and height <= image.height < height + 16:
+        left, top = (image.width - width) // 2, (image.height - height) // 2
+        return image.crop((left, top, left + width, top + height))
+    return image.resize((width, height), Image.Resampling.LANCZOS)
 
 
 def keep_unmasked(image: Image.Image, init: Image.Image, mask: Image.Image) -> Image.Image:

@@ -104,6 +104,15 @@ class Job(Base):
         future_links are exact and a retry overwrites the same files."""
         return [f"{self.file_prefix}-{i}.png" for i in range(len(self.params["seeds"]))]
 
+    @property
+    def base64_files(self) -> bool:
+        """``base64: true`` answered ModelsLab's way: each image also as a text file of its
+        base64, whose URL is the answer's ``output`` (unless the server answers inline strings)."""
+        return bool(self.params.get("base64")) and not self.params.get("base64_inline")
+
+    def base64_names(self) -> list[str]:
+        return [name.removesuffix(".png") + ".base64" for name in self.output_names()]
+
 
 class StorageConfig(Base):
     """A key's S3 details (ModelsLab's update_s3), per deploy type; the secret key encrypted."""

@@ -4,6 +4,7 @@ it has one), and the one write that records the outcome. Runs on a thread of its
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import queue
@@ -100,20 +101,24 @@ class ResultWriter:
         else:
             pngs = [future.result() for future in encoding]
         names = job.output_names()
-        for name, png in zip(names, pngs):
-            self.outputs.save(name, png)  # same names on a retry: one set of files
+        files = list(zip(names, pngs, ["image/png"] * len(names)))
+        if job.base64_files:  # ModelsLab's base64 answers: a text file of each image's base64 beside it
+            files += [(name, base64.b64encode(png), "text/plain") for name, png in zip(job.base64_names(), pngs)]
+        stored = {name: self.outputs.save(name, data) for name, data, _ in files}  # same names on a retry
         output_urls = None
         if params.remote:
             if self.storage_configs is None:
                 raise StorageUnavailable("Upload failed: this worker has no S3 support configured")
             remote = self.storage_configs.storage(params.remote)  # any failure fails the job: never a silent drop
-            output_urls = [remote.save(name, png) for name, png in zip(names, pngs)]
+            stored = {name: remote.save(name, data, kind) for name, data, kind in files}
+            output_urls = [stored[name] for name in names]
         elapsed = time.perf_counter() - started
-        links = output_urls or [self.outputs.url_for(name) for name in names]
-        webhook = SuccessAnswer(id=job.id, output=links, proxy_links=links, generationTime=round(elapsed, 4),
+        links = [stored[name] for name in names]
+        output = [stored[name] for name in job.base64_names()] if job.base64_files else links
+        webhook = SuccessAnswer(id=job.id, output=output, proxy_links=links, generationTime=round(elapsed, 4),
                                 nsfw_content_detected=nsfw, meta=meta)
         finished = self.jobs.succeed(
-            job.id, claimed_token(job), outputs=names, nsfw_detected=nsfw, generation_time=elapsed, meta=meta,
+            job.id, claimed_token(job), outputs=list(stored), nsfw_detected=nsfw, generation_time=elapsed, meta=meta,
             expires_at=utcnow() + timedelta(seconds=self.retention_seconds),
             webhook_payload={**webhook.body(), "track_id": job.track_id}, output_urls=output_urls,
         )

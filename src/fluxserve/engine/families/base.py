@@ -80,6 +80,8 @@ class Family:
     limits: ClassVar[Limits] = Limits()
     tiny_seed: ClassVar[int]  # base torch seed of the tiny build (builds are reproducible)
     size_multiple: ClassVar[int] = 16  # FLUX latents: 8x VAE downsampling, then 2x2 packing
+    min_generation_side: ClassVar[int] = 256  # smaller requests (realtime allows 64) are generated larger
+    max_generation_side: ClassVar[int] = 1024
     writes_prompts: ClassVar[bool] = False  # its text encoder is a causal LM that can rewrite prompts
 
     @property
@@ -88,10 +90,15 @@ class Family:
 
     # -- how a job becomes a pipeline call -----------------------------------------------------
     def generation_size(self, width: int, height: int) -> tuple[int, int]:
-        """The size the pipeline generates at: each side rounded up to the family's multiple
-        (the engine then crops the few extra pixels, so the answer has the size asked)."""
+        """The size the pipeline generates at: each side rounded up to the family's multiple (the
+        engine then crops the few extra pixels); a request under ``min_generation_side`` is
+        generated scaled up, as far as ``max_generation_side`` allows (the engine scales the image
+        down). Either way the answer has exactly the size asked."""
+        scale = max(1.0, self.min_generation_side / min(width, height))
+        if max(width, height) * scale > self.max_generation_side:
+            scale = max(1.0, self.max_generation_side / max(width, height))
         step = self.size_multiple
-        return -(-width // step) * step, -(-height // step) * step
+        return (-(-round(width * scale) // step) * step, -(-round(height * scale) // step) * step)
 
     def call(self, params: JobParams, inputs: Inputs, width: int, height: int) -> PipelineCall:
         """The call generating one image of ``params`` at ``width`` x ``height``."""
