@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     base64_inline: bool = Field(
         False, description="base64 answers as inline strings in output; default: ModelsLab's way, the URLs of "
         ".base64 text files (the PNG links stay in proxy_links).")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: readable lines; json: one JSON object per line (time, level, name, process, message).")
     nsfw_threshold: float = Field(0.5, ge=0, le=1, description="NSFW score at or above which an image is blanked.")
     max_init_image_bytes: int = 20 * 1024 * 1024
     init_image_timeout_seconds: float = 20.0

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from fluxserve.dependencies import transient_dependency
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.tables import utcnow
 from fluxserve.storage.local import LocalStorage
@@ -187,6 +188,10 @@ class Janitor:
             started = time.monotonic()
             try:
                 self.sweep()
-            except Exception:  # a bad sweep (database down, disk error) must not end the thread
-                log.exception("retention: sweep failed")
+            except Exception as exc:  # a bad sweep (database down, disk error) must not end the thread
+                dependency = transient_dependency(exc)
+                if dependency is None:
+                    log.exception("retention: sweep failed")
+                else:  # an outage: one line, not a traceback per sweep
+                    log.debug("retention: sweep skipped: %s unavailable (%s)", dependency.value, exc)
             stop.wait(max(0.0, self.interval_seconds - (time.monotonic() - started)))

@@ -13,6 +13,7 @@ from fluxserve.api.deps import AdminKey, ServicesDep
 from fluxserve.api.errors import ApiError
 from fluxserve.api.paths import ADMIN_SERVERS
 from fluxserve.config import settings_problems
+from fluxserve.dependencies import Dependency
 from fluxserve.worker.messages import Command
 
 admin = APIRouter(prefix="/api/v1/enterprise", tags=["enterprise admin"])
@@ -45,8 +46,10 @@ async def system_details(server: str, _key: AdminKey, services: ServicesDep) -> 
         run_in_threadpool(jobs.oldest_queued_age),
     )
     models = status.get("models_loaded", [])
+    away = _away(services)
     return {
-        "status": "ok",
+        "status": "degraded" if away else "ok",
+        "dependencies": away,
         "model_count": len(models),
         "models_loaded": models,
         "models_available": services.generation.registry.names(),
@@ -118,11 +121,27 @@ async def update_server(server: str, _key: AdminKey, services: ServicesDep) -> d
 
 @ops.get("/health")
 async def health(services: ServicesDep) -> JSONResponse:
+    """ok, or degraded (503) with why: the worker is down, or a dependency (database, disk, object
+    store) is away for the worker or for this process."""
     worker = services.host.describe() if services.host else {"alive": False}
-    depth = await run_in_threadpool(services.generation.jobs.queue_depth)
-    healthy = bool(worker.get("alive"))
-    return JSONResponse({"status": "ok" if healthy else "degraded", "worker": worker, "queue_depth": depth},
-                        status_code=200 if healthy else 503)
+    generation = services.generation
+    try:
+        depth: int | None = await run_in_threadpool(generation.jobs.queue_depth)
+        generation.health.up(Dependency.DATABASE)
+    except Exception as exc:  # noqa: BLE001 - reported below, once in the log
+        depth = None
+        generation.health.down(Dependency.DATABASE, f"{type(exc).__name__}: {exc}"[:300])
+    away = _away(services)
+    healthy = bool(worker.get("alive")) and not away
+    body = {"status": "ok" if healthy else "degraded", "worker": worker, "queue_depth": depth}
+    if away:
+        body["dependencies"] = away
+    return JSONResponse(body, status_code=200 if healthy else 503)
+
+
+def _away(services) -> dict:
+    """What the worker and this process found away: {dependency: {since, for_seconds, reason}}."""
+    return {**(services.worker_status().get("dependencies") or {}), **services.generation.health.snapshot()}
 
 
 @ops.get("/metrics")

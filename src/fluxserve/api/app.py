@@ -24,6 +24,7 @@ from fluxserve.api.outputs import outputs_router
 from fluxserve.api.progress import jobs_router
 from fluxserve.api.storage_routes import storage_router
 from fluxserve.config import Settings
+from fluxserve.dependencies import Health
 from fluxserve.events import JobEvents
 from fluxserve.jobs.database import open_database
 from fluxserve.jobs.store import JobStore
@@ -53,6 +54,9 @@ def create_app(
     jobs = JobStore(sessions, webhook_retry_seconds=settings.webhook_retry_seconds)
     metrics.bind(queue_depth=jobs.queue_depth, running=jobs.running_count)
 
+    def worker_status() -> dict:
+        return getattr(getattr(host, "link", None), "last_status", {}) or {}
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # dedicated to fetching strangers' URLs: no proxies from the environment, no redirects
@@ -67,11 +71,12 @@ def create_app(
                     storage_configs=storage_configs,
                     storage=LocalStorage(settings.outputs_dir, settings.base_url),
                     inputs=LocalStorage(settings.inputs_dir, settings.base_url),
-                    events=events, http=http,
+                    events=events, http=http, health=app.state.health,
+                    dependency_status=lambda: dict(worker_status().get("dependencies") or {}),
                 ),
                 keys=KeyStore(sessions),
                 host=host,
-                worker_status=lambda: getattr(getattr(host, "link", None), "last_status", {}) or {},
+                worker_status=worker_status,
                 reload_settings=reload_settings,
                 storage_configs=storage_configs,
             )
@@ -90,6 +95,7 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.state.health = Health()  # dependencies this process found away (the worker reports its own)
     rate_limits = RateLimits(settings.rate_limit_per_key, settings.rate_limit_per_address)
     app.state.rate_limits = rate_limits
     # added last = runs first: address limit, then body limits, then JSON content type

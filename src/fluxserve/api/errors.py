@@ -9,7 +9,10 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fluxserve.dependencies import transient_dependency
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,22 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         messages = {404: "Not found", 405: "Method not allowed"}
         return error_response(exc.status_code, messages.get(exc.status_code, str(exc.detail)))
+
+    async def _dependency_error(request: Request, exc: Exception) -> JSONResponse:
+        """The database (or the disk) away: an honest 503 with a retry hint, one log line per
+        outage. Registered for these exception types (not as the catch-all below, which Starlette
+        re-raises after answering: uvicorn would then drop the client's kept-alive connection)."""
+        dependency = transient_dependency(exc)
+        if dependency is None:
+            return await _unexpected(request, exc)
+        health = getattr(request.app.state, "health", None)
+        if health is not None:
+            health.down(dependency, f"{type(exc).__name__}: {exc}"[:300])
+        return error_response(503, "Service temporarily unavailable", retry_after=5,
+                              reason=f"{dependency.value} unavailable")
+
+    app.add_exception_handler(SQLAlchemyError, _dependency_error)
+    app.add_exception_handler(OSError, _dependency_error)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -4,11 +4,13 @@ then answer with its result, or "processing" once the wait bound passes."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -20,6 +22,7 @@ from fluxserve.api.errors import ApiError
 from fluxserve.api.paths import Action, PathFamily
 from fluxserve.api.schemas import GenerationBody
 from fluxserve.config import Settings
+from fluxserve.dependencies import Dependency, Health, transient_dependency
 from fluxserve.events import JobEvents
 from fluxserve.images import ImageInputError, decode_image, fetch_image_bytes
 from fluxserve.jobs.status import JobStatus
@@ -33,6 +36,8 @@ from fluxserve.storage.configs import StorageConfigs
 from fluxserve.storage.local import LocalStorage
 
 POLL_SECONDS = 1.0  # fallback polling when the worker runs elsewhere
+RETRY_AFTER_SECONDS = 10  # what a 503 asks clients to wait
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,6 +51,8 @@ class GenerationService:
     http: httpx.AsyncClient
     metrics: Metrics
     storage_configs: StorageConfigs | None = None
+    health: Health = field(default_factory=Health)  # what this process found away
+    dependency_status: Callable[[], dict[str, Any]] = lambda: {}  # what the worker found away
 
     # -- submission ---------------------------------------------------------------------------
     def choose_model(self, action: Action, model_id: str | None) -> ModelSpec:
@@ -70,6 +77,7 @@ class GenerationService:
 
     async def submit(self, key: ApiKey, request: GenerationRequest, *, deploy_type: str | None = None) -> JSONResponse:
         spec = self._model(request)
+        self._refuse_while_away(Dependency.DISK)
         await self._check_queue_limit(key)
         inputs = [await self._store_image(url) for url in request.init_images]
         input_2 = await self._store_image(request.init_image_2) if request.init_image_2 else None
@@ -78,17 +86,39 @@ class GenerationService:
         params.base64_inline = request.base64 and self.settings.base64_inline
         if self.storage_configs is not None and not request.temp:  # temp: local, expiring, even with S3
             params.remote = await run_in_threadpool(self.storage_configs.for_job, key.id, deploy_type)
+            if params.remote:
+                self._refuse_while_away(Dependency.OBJECT_STORE)
         file_prefix = str(uuid.uuid4())
         job = await run_in_threadpool(
             self.jobs.create, key_id=key.id, server=request.server, model=spec.name, task=request.task,
             params=params.to_dict(), meta=self._meta(request, spec, params, file_prefix), file_prefix=file_prefix,
             webhook=request.webhook, track_id=request.track_id, batch_key=spec.family.batch_key(params),
         )
+        self.health.up(Dependency.DATABASE)  # it took the job: it is there
         self.metrics.jobs_submitted.labels(spec.name).inc()
         self.events.job_queued()
-        if request.instant_response:
-            return await self._answer(job)
-        return await self._wait_and_answer(job.id)
+        # the job is committed: from here on the answer never fails (the client would send it again)
+        try:
+            if request.instant_response:
+                return await self._answer(job)
+            return await self._wait_and_answer(job.id)
+        except Exception as exc:  # noqa: BLE001 - e.g. the database went away while waiting
+            if transient_dependency(exc) is None:
+                log.exception("answering job %s failed; answering processing", job.id)
+            return JSONResponse(processing_body(job, self.storage, self.settings.base_url, self._rough_eta(job)))
+
+    def _refuse_while_away(self, dependency: Dependency) -> None:
+        """503 with a retry hint while ``dependency`` is away (the worker or this process found
+        it so): a job accepted now could only wait."""
+        away = {**self.dependency_status(), **self.health.snapshot()}
+        if dependency.value in away:
+            raise ApiError(503, "Service temporarily unavailable", retry_after=RETRY_AFTER_SECONDS,
+                           reason=f"{dependency.value} unavailable: {away[dependency.value]['reason']}")
+
+    @staticmethod
+    def _rough_eta(job: Job) -> float:
+        """A guess that needs no database: half a second per step and image."""
+        return round(0.5 * job.params["steps"] * len(job.params["seeds"]), 2)
 
     def _model(self, request: GenerationRequest) -> ModelSpec:
         """The request's model, if it can take the request's inputs (its family's limits)."""
@@ -127,10 +157,18 @@ class GenerationService:
             raise ApiError(400, message) from None
         name = hashlib.sha256(png).hexdigest() + ".png"
         path = self.inputs.root / name
-        if path.exists():
-            os.utime(path)  # fresh again, so retention keeps it for this job
-        else:
-            await run_in_threadpool(self.inputs.save, name, png)
+        try:
+            if path.exists():
+                os.utime(path)  # fresh again, so retention keeps it for this job
+            else:
+                await run_in_threadpool(self.inputs.save, name, png)
+        except OSError as exc:
+            if transient_dependency(exc) is None:
+                raise
+            self.health.down(Dependency.DISK, f"{type(exc).__name__}: {exc}")
+            raise ApiError(503, "Service temporarily unavailable", retry_after=RETRY_AFTER_SECONDS,
+                           reason="disk unavailable: the input image could not be stored") from None
+        self.health.up(Dependency.DISK)
         return name
 
     @staticmethod

@@ -39,6 +39,11 @@ def _storable_id(job_id: int) -> bool:
     return isinstance(job_id, int) and 0 < job_id < 2**63
 
 
+def _claimable(now: datetime):
+    """Queued, and not waiting out a dependency's outage (``release``)."""
+    return (Job.status == JobStatus.QUEUED.value) & or_(Job.not_before.is_(None), Job.not_before <= now)
+
+
 def _silent_since(cutoff: datetime):
     """No heartbeat since ``cutoff`` (NULL: claimed by a release that did not beat)."""
     return or_(Job.heartbeat_at < cutoff, Job.heartbeat_at.is_(None))
@@ -136,9 +141,7 @@ class JobStore:
         """Move the oldest queued job to running under a fresh claim token and return it."""
         while True:
             with self._sessions.begin() as session:
-                job_id = session.scalar(
-                    select(Job.id).where(Job.status == JobStatus.QUEUED.value).order_by(Job.id).limit(1)
-                )
+                job_id = session.scalar(select(Job.id).where(_claimable(utcnow())).order_by(Job.id).limit(1))
                 if job_id is None:
                     return None
                 claimed = _claim(session, job_id)
@@ -150,7 +153,7 @@ class JobStore:
         claimed: list[Job] = []
         with self._sessions() as session:
             candidates = list(session.scalars(
-                select(Job.id).where(Job.status == JobStatus.QUEUED.value, Job.batch_key == batch_key)
+                select(Job.id).where(_claimable(utcnow()), Job.batch_key == batch_key)
                 .order_by(Job.id).limit(limit)
             ))
         for job_id in candidates:
@@ -185,6 +188,23 @@ class JobStore:
             outputs=outputs, nsfw_detected=nsfw_detected, generation_time=generation_time, meta=meta,
             expires_at=expires_at, output_urls=output_urls,
         )
+
+    def release(self, job_id: int, token: str, delay_seconds: float) -> bool:
+        """Put a running job back in the queue because a dependency it needs is away (not the
+        job's fault): it is claimed again after ``delay_seconds``, this attempt does not count
+        against ``max_job_attempts``, and nothing is recorded as failed. False: not ours."""
+        with self._sessions.begin() as session:
+            return bool(rowcount(session.execute(
+                update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.claim_token == token)
+                .values(status=JobStatus.QUEUED.value, claim_token=None, attempts=Job.attempts - 1,
+                        waits=Job.waits + 1, not_before=utcnow() + timedelta(seconds=delay_seconds),
+                        progress_step=0, progress_total=0)
+            )))
+
+    def ping(self) -> None:
+        """Raise if the database can't be reached (a cheap query)."""
+        with self._sessions() as session:
+            session.execute(select(1))
 
     def fail(self, job_id: int, token: str, message: str) -> bool:
         return self._finish(job_id, token, JobStatus.FAILED, None, error=message)

@@ -98,6 +98,9 @@ class Job(Base):
     expired_at: Mapped[datetime | None] = mapped_column(nullable=True)
     output_urls: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)  # set when stored remotely (S3)
     batch_key: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)  # jobs that may share a call
+    # a job put back because a dependency was away (disk, object store) waits until then
+    not_before: Mapped[datetime | None] = mapped_column(nullable=True)
+    waits: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))  # times put back that way
 
     def output_names(self) -> list[str]:
         """The file names of this job's images (one per seed): fixed when it is queued, so
