@@ -130,7 +130,7 @@ def test_a_full_disk_keeps_every_job_and_refuses_new_ones_honestly(tmp_path, tin
 @pytest.fixture
 def cluster(tmp_path):
     try:
-        with postgres_cluster(tmp_path) as running:
+        with postgres_cluster(tmp_path, durable=True) as running:  # committed jobs must survive its crash
             yield running
     except PostgresUnavailable as exc:
         if postgres_required():
@@ -152,7 +152,10 @@ def test_a_database_outage_answers_503_and_loses_nothing(tmp_path, tiny_root, cl
         assert health.status_code == 503 and "database" in health.json()["dependencies"]
         time.sleep(2)
         cluster.start()
-        wait_until(lambda: statuses(live).get("succeeded", 0) == len(before), 120, "the jobs from before the outage")
+        try:
+            wait_until(lambda: statuses(live).get("succeeded", 0) == len(before), 120, "the jobs from before the outage")
+        except AssertionError:
+            raise AssertionError(f"jobs now: {statuses(live)}; health: {client.get('/health').json()}") from None
         assert statuses(live) == {"succeeded": len(before)}
         assert client.post(KLEIN, json=body).status_code == 200
         wait_until(lambda: client.get("/health").status_code == 200, 30, "health to recover")

@@ -49,6 +49,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from fluxserve import __version__
+from fluxserve.dependencies import transient_dependency
 from fluxserve.fetching import FetchError, FetchPolicy, Resolver, UrlRefused, check_webhook_url, pinned
 from fluxserve.jobs.database import rowcount
 from fluxserve.jobs.status import DeliveryStatus
@@ -243,8 +244,11 @@ class WebhookDispatcher:
         while not stop.is_set():
             try:
                 self._pass(None, stop=stop)
-            except Exception:  # never die: the database may be briefly unreachable
-                log.exception("webhook dispatcher pass failed; retrying in %.1fs", self.poll_seconds)
+            except Exception as exc:  # never die: the database may be briefly unreachable
+                if transient_dependency(exc) is None:
+                    log.exception("webhook dispatcher pass failed; retrying in %.1fs", self.poll_seconds)
+                else:  # an outage: the worker and the API log it once; no traceback per pass
+                    log.debug("webhook dispatcher pass skipped: %s", exc)
             stop.wait(self.poll_seconds)
 
     # -- one pass --------------------------------------------------------------------------------

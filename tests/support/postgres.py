@@ -61,9 +61,10 @@ class PostgresCluster:
     def __init__(self, run, pg_ctl: Path, data: Path, log: Path, url: str):
         self._run, self._pg_ctl, self._data, self._log, self.url = run, pg_ctl, data, log, url
 
-    def stop(self) -> None:
-        """Stop the server at once (``-m immediate``: as if it crashed)."""
-        self._run(str(self._pg_ctl), "-D", str(self._data), "-m", "immediate", "-w", "stop")
+    def stop(self, mode: str = "immediate") -> None:
+        """Stop the server (``immediate``: as if it crashed; committed work survives only on a
+        ``durable`` cluster, the default one runs with fsync off)."""
+        self._run(str(self._pg_ctl), "-D", str(self._data), "-m", mode, "-w", "stop")
 
     def start(self) -> None:
         self._run(str(self._pg_ctl), "-D", str(self._data), "-l", str(self._log), "-w", "-t", "60", "start")
@@ -78,9 +79,10 @@ def running_postgres(tmp_dir: Path | str) -> Iterator[str]:
 
 
 @contextmanager
-def postgres_cluster(tmp_dir: Path | str) -> Iterator[PostgresCluster]:
+def postgres_cluster(tmp_dir: Path | str, *, durable: bool = False) -> Iterator[PostgresCluster]:
     """Start a fresh cluster, create database `fluxserve_test`, yield it (``PostgresCluster``),
-    and stop and remove it afterwards.
+    and stop and remove it afterwards. Fast and throwaway (fsync off) unless ``durable``: a
+    fault test that crashes the server and expects committed rows back needs it durable.
 
     Raises PostgresUnavailable when the server binaries or the `postgres` user are missing.
     As root, the cluster lives in a new directory under the system temp dir (pytest's
@@ -122,8 +124,10 @@ def postgres_cluster(tmp_dir: Path | str) -> Iterator[PostgresCluster]:
         with open(data / "postgresql.conf", "a") as conf:
             conf.write(
                 f"\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{sock_dir}'\n"
-                "max_connections = 200\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
+                "max_connections = 200\n"
             )
+            if not durable:
+                conf.write("fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n")
         (data / "pg_hba.conf").write_text("local all all trust\nhost  all all 127.0.0.1/32 trust\n")
         cluster = PostgresCluster(run, bindir / "pg_ctl", data, log, f"postgresql://postgres@127.0.0.1:{port}/{DATABASE}")
         cluster.start()
