@@ -36,6 +36,8 @@ class GenerationRequest:
     enhance_prompt: bool | None = None
     track_id: str | None = None
     webhook: str | None = None
+    loras: list[str] = field(default_factory=list)  # lora_model: adapter names (``fluxserve.loras``)
+    lora_strengths: list[float] = field(default_factory=list)  # one per adapter, resolved
 
 
 @dataclass
@@ -63,6 +65,10 @@ class JobParams:
     remote: dict[str, Any] | None = None
     enhance_prompt: bool = False
     mask: str | None = None  # stored mask file (inpainting), the size of inputs[0]
+    # LoRA adapters applied to this job (names as in ``fluxserve.loras``) and their strengths, one
+    # each; empty for none (and in rows stored before adapters existed)
+    loras: list[str] = field(default_factory=list)
+    lora_strengths: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
