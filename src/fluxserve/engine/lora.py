@@ -187,12 +187,17 @@ class Adapters:
         except UnknownLora as exc:
             raise LoraLoadError(f"{exc}; it was offered when the request was queued") from exc
         try:
-            if source.hub:
-                pipeline.load_lora_weights(source.location, weight_name=source.weight_name, adapter_name=name,
-                                           hotswap=hotswap)
-            else:
-                path = Path(source.location)
-                pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name, hotswap=hotswap)
+            with _unexpected_keys() as unexpected:
+                if source.hub:
+                    pipeline.load_lora_weights(source.location, weight_name=source.weight_name, adapter_name=name,
+                                               hotswap=hotswap)
+                else:
+                    path = Path(source.location)
+                    pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name,
+                                               hotswap=hotswap)
+            if unexpected:  # diffusers only warns, and applies the rest: half an adapter is not what was asked
+                raise MismatchedLora(f"it has weights for layers {model} does not have ({unexpected[0][:300]}); "
+                                     "is it a LoRA for another model?")
         except Exception as exc:  # noqa: BLE001 - every failure becomes a message the client can act on
             log.warning("loading LoRA %s into %s failed: %r", ref, model, exc)
             if not hotswap:
@@ -201,6 +206,31 @@ class Adapters:
         state.loads[ref] += 1
         make_new_linears_batch_invariant(pipeline)  # the LoRA layers' own linears, as the base ones
         log.info("LoRA %s loaded into %s as %s%s", ref, model, name, " (hot-swapped)" if hotswap else "")
+
+
+class MismatchedLora(ValueError):
+    pass
+
+
+@contextlib.contextmanager
+def _unexpected_keys() -> Iterator[list[str]]:
+    """The "unexpected keys" warnings diffusers logs while loading an adapter (keys naming
+    layers the model lacks), collected."""
+    found: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if "unexpected keys" in message:
+                found.append(message.split("found in the model:", 1)[-1].strip())
+
+    handler = Collect(logging.WARNING)
+    logger = logging.getLogger("diffusers.utils.peft_utils")
+    logger.addHandler(handler)
+    try:
+        yield found
+    finally:
+        logger.removeHandler(handler)
 
 
 def _delete(pipeline: Any, name: str) -> None:
@@ -228,5 +258,7 @@ def explain_lora_failure(source: LoraSource, model: str, exc: BaseException) -> 
             return f"{where}: the repository holds several weight files; name one ({source.location}:FILE.safetensors)"
     elif isinstance(exc, OSError):
         return f"{where}: its file could not be read ({exc})"
+    if isinstance(exc, MismatchedLora):
+        return f"{where}: {exc}"
     return (f"{where}: {type(exc).__name__}: {exc} (is it a LoRA for this model's architecture, "
             "in the diffusers, kohya or peft format?)")

@@ -569,7 +569,8 @@ class PromptEmbeddingCache:
 def _encoder_state(pipeline: Any) -> tuple:
     """What besides the arguments decides an encoding: which text encoders, in what dtype, where,
     with which LoRA adapters on, at what scale."""
-    state: list[Any] = [type(pipeline).__name__]
+    # autograd on or off: kernels (SDPA's backend choice) and so the last bits can differ
+    state: list[Any] = [type(pipeline).__name__, torch.is_grad_enabled()]
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         module = getattr(pipeline, name, None)
         if isinstance(module, torch.nn.Module):
