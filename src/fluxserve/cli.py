@@ -151,11 +151,14 @@ def models_list(
 
 @models_app.command("build-tiny")
 def models_build_tiny(data_dir: DataDir = None) -> None:
-    """Build the tiny random-weight pipelines (offline, deterministic, once)."""
-    from fluxserve.engine.tiny import build_tiny_models
+    """Build the tiny random-weight pipelines and their demo LoRA adapters (offline, deterministic, once)."""
+    from fluxserve.engine.tiny import build_tiny_loras, build_tiny_models
 
-    for name, path in build_tiny_models(_settings(data_dir=data_dir).tiny_models_dir).items():
+    settings = _settings(data_dir=data_dir)
+    for name, path in build_tiny_models(settings.tiny_models_dir).items():
         typer.echo(f"{name}\t{path}")
+    for name, path in build_tiny_loras(settings.tiny_models_dir, settings.tiny_loras_dir).items():
+        typer.echo(f"LoRA {name}\t{path}")
 
 
 if __name__ == "__main__":  # pragma: no cover

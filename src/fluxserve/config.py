@@ -27,6 +27,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from fluxserve.engine.switches import Optimizations
+from fluxserve.loras import check_hub_id
 from fluxserve.models import Registry
 from fluxserve.units import parse_bytes
 
@@ -113,6 +114,13 @@ class Settings(BaseSettings):
     enhance_openai_api_key: str | None = None
     enhance_timeout_seconds: float = Field(10.0, gt=0, description="Bound on one prompt enhancement.")
     enhance_max_new_tokens: int = Field(120, ge=1, le=512)
+    lora_dir: Path | None = Field(
+        None, description="LoRA adapters requests may name (lora_model): <name>.safetensors or a folder <name>/ holding one; "
+        "default data_dir/loras.")
+    lora_hub_ids: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description='Hub LoRA repos requests may name, e.g. ["org/repo", "org/repo:file.safetensors"] '
+        "(loaded through the Hugging Face cache; never URLs).")
+    lora_max_loaded: int = Field(8, ge=1, le=64, description="LoRA adapters kept loaded per model (least recently used dropped).")
 
     def fetch_policy(self, max_bytes: int | None = None):
         from fluxserve.fetching import FetchPolicy
@@ -225,6 +233,32 @@ class Settings(BaseSettings):
             if not 8 <= size <= MAX_WARM_SIZE or size % 8:
                 raise ValueError(f"warm size {size} must be a multiple of 8 from 8 to {MAX_WARM_SIZE}")
         return value
+
+    @field_validator("lora_hub_ids", mode="before")
+    @classmethod
+    def _decode_lora_hub_ids(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        if not value.strip():
+            return []
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON ({exc}); expected e.g. [\"org/repo\"]") from None
+
+    @field_validator("lora_hub_ids")
+    @classmethod
+    def _check_lora_hub_ids(cls, value: list[str]) -> list[str]:
+        return [check_hub_id(entry) for entry in value]
+
+    @property
+    def lora_folder(self) -> Path:
+        return self.lora_dir or self.data_dir / "loras"
+
+    @property
+    def tiny_loras_dir(self) -> Path:
+        """The tiny random-weight demo adapters (``--models tiny`` only), beside the tiny models."""
+        return self.tiny_models_dir / "loras"
 
     @property
     def base_url(self) -> str:

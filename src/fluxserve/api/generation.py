@@ -28,6 +28,7 @@ from fluxserve.images import ImageInputError, decode_image, fetch_image_bytes
 from fluxserve.jobs.status import JobStatus
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.tables import ApiKey, Job
+from fluxserve.loras import LoraCatalog, UnknownLora
 from fluxserve.metrics import Metrics
 from fluxserve.models import ModelSpec, Registry, UnknownModel, UnsuitableRequest
 from fluxserve.params import SEED_MAX, GenerationRequest, JobParams
@@ -121,15 +122,18 @@ class GenerationService:
         return round(0.5 * job.params["steps"] * len(job.params["seeds"]), 2)
 
     def _model(self, request: GenerationRequest) -> ModelSpec:
-        """The request's model, if it can take the request's inputs (its family's limits)."""
+        """The request's model, if it can take the request's inputs (its family's limits) and
+        every LoRA adapter it names is offered here."""
         try:
             spec = self.registry.get(request.model)
             self.registry.check_inputs(spec, request.task, init_images=len(request.init_images),
-                                       second_image=bool(request.init_image_2), mask=bool(request.mask_image))
+                                       second_image=bool(request.init_image_2), mask=bool(request.mask_image),
+                                       loras=bool(request.loras))
+            LoraCatalog.from_settings(self.settings).check(request.loras)
         except UnknownModel:
             raise ApiError(404, f"Model not found: {request.model}") from None
-        except UnsuitableRequest as exc:
-            raise ApiError(exc.status, str(exc)) from None
+        except (UnsuitableRequest, UnknownLora) as exc:
+            raise ApiError(getattr(exc, "status", 400), str(exc)) from None
         return spec
 
     async def _check_queue_limit(self, key: ApiKey) -> None:
@@ -186,6 +190,7 @@ class GenerationService:
             true_cfg_scale=request.true_cfg_scale or spec.true_cfg_scale,
             inputs=inputs, input_2=input_2, safety_checker=request.safety_checker, base64=request.base64,
             enhance_prompt=bool(request.enhance_prompt), mask=mask,
+            loras=list(request.loras), lora_strengths=list(request.lora_strengths),
         )
 
     @staticmethod
@@ -222,6 +227,9 @@ class GenerationService:
         }
         if spec.negative_prompt_supported:
             meta["true_cfg_scale"] = params.true_cfg_scale
+        if params.loras:  # applied as listed, or the job fails saying why
+            meta["lora_model"] = list(params.loras)
+            meta["lora_strength"] = list(params.lora_strengths)
         if request.task != "text2img":
             meta["strength"] = params.strength
             meta["init_image"] = request.init_images[0] if len(request.init_images) == 1 else request.init_images

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from fluxserve import loras
 from fluxserve.api import lenient
 from fluxserve.engine.families.base import Task
 from fluxserve.images import is_inline_image
@@ -21,6 +22,8 @@ Float = Annotated[float | None, BeforeValidator(lenient.to_float)]
 Bool = Annotated[bool | None, BeforeValidator(lenient.to_bool)]
 Text = Annotated[str | None, BeforeValidator(lenient.to_text)]
 Urls = Annotated[list[str] | None, BeforeValidator(lenient.to_url_list)]
+LoraNames = Annotated[list[str] | None, BeforeValidator(loras.parse_names)]
+LoraStrengths = Annotated[list[float] | None, BeforeValidator(lambda value: loras.parse_strengths(value, lenient.to_float))]
 
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 256, 1024, 8
 REALTIME_MIN_SIDE = 64  # the realtime docs allow small sizes: generated at a size the model supports, then scaled
@@ -85,6 +88,10 @@ class GenerationBody(BaseModel):
     webhook: Text = None
     track_id: Text = None
     scheduler: Text = Field(None, description="Accepted and ignored (FLUX uses its own scheduler).")
+    lora_model: LoraNames = Field(None, description="LoRA adapters to apply: a name, comma-separated names or an array "
+                                                    f"(at most {loras.MAX_ADAPTERS}; see the README's LoRA section).")
+    lora_strength: LoraStrengths = Field(None, description=f"{loras.STRENGTH_MIN:g}-{loras.STRENGTH_MAX:g}: one for all "
+                                                           "adapters, or comma-separated, one per adapter (default 1).")
 
     @model_validator(mode="after")
     def _check_limits(self) -> GenerationBody:
@@ -103,6 +110,7 @@ class GenerationBody(BaseModel):
         _check_range("guidance_scale", self.guidance_scale, 0, 20)
         _check_range("guidance", self.guidance, 0, 20)
         _check_range("true_cfg_scale", self.true_cfg_scale, 1, 20)
+        self._check_loras()
         if self.webhook is not None:
             self.webhook = self.webhook.strip() or None
         if self.webhook and urlsplit(self.webhook).scheme.lower() not in ("http", "https"):
@@ -122,6 +130,23 @@ class GenerationBody(BaseModel):
                 return f"{side} must be divisible by {multiple}"
         return None
 
+    def _check_loras(self) -> None:
+        """The adapters' count, repeats and strengths (whether each exists is the server's
+        catalog's question, asked before the job is queued)."""
+        for strength in self.lora_strength or []:
+            _check_range("lora_strength", strength, loras.STRENGTH_MIN, loras.STRENGTH_MAX)
+        names = self.lora_model or []
+        if len(names) > loras.MAX_ADAPTERS:
+            raise _refuse(f"lora_model names at most {loras.MAX_ADAPTERS} adapters")
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise _refuse(f"lora_model names {', '.join(repeated)} more than once")
+        if names:
+            try:
+                self.lora_strength = loras.resolve_strengths(names, self.lora_strength)
+            except ValueError as exc:
+                raise _refuse(str(exc)) from None
+
     def to_request(self, server: str, model: str) -> GenerationRequest:
         """The request for ``model`` (chosen by the path family and ``model_id``)."""
         return GenerationRequest(
@@ -134,7 +159,8 @@ class GenerationBody(BaseModel):
             safety_checker=True if self.safety_checker is None else self.safety_checker,
             base64=bool(self.base64), instant_response=bool(self.instant_response),
             temp=bool(self.temp), enhance_prompt=self.enhance_prompt, track_id=self.track_id,
-            webhook=self.webhook, **self._images(),
+            webhook=self.webhook, loras=list(self.lora_model or []),
+            lora_strengths=list(self.lora_strength or []) if self.lora_model else [], **self._images(),
         )
 
     def _images(self) -> dict[str, Any]:

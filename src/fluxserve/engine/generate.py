@@ -74,15 +74,16 @@ class Generator:
         call = spec.family.call(params, inputs, width, height)
         pipeline = self.pipelines.get(spec, call.variant)
         images = []
-        for index, seed in enumerate(params.seeds):
-            extra: dict[str, Any] = {}
-            if progress:
-                extra["callback_on_step_end"] = _step_callback(progress, index, len(params.seeds))
-            image = pipeline(generator=seeded_generator(seed), output_type="pil", **call.kwargs, **extra).images[0]
-            image = crop_to(image.convert("RGB"), params.width, params.height)
-            if task is Task.INPAINT:
-                image = keep_unmasked(image, inputs.references[0], inputs.inpaint_mask())
-            images.append(image)
+        with self.pipelines.loras(spec, params.loras, params.lora_strengths):  # none: every adapter off
+            for index, seed in enumerate(params.seeds):
+                extra: dict[str, Any] = {}
+                if progress:
+                    extra["callback_on_step_end"] = _step_callback(progress, index, len(params.seeds))
+                image = pipeline(generator=seeded_generator(seed), output_type="pil", **call.kwargs, **extra).images[0]
+                image = crop_to(image.convert("RGB"), params.width, params.height)
+                if task is Task.INPAINT:
+                    image = keep_unmasked(image, inputs.references[0], inputs.inpaint_mask())
+                images.append(image)
         return images
 
     def run_batch(self, spec: ModelSpec, jobs: list[JobParams], progress: Progress | None = None) -> list[list[Image.Image]]:
@@ -95,7 +96,9 @@ class Generator:
         call = spec.family.batch_call(jobs, width, height)
         generators = [seeded_generator(seed) for p in jobs for seed in p.seeds]
         extra: dict[str, Any] = {"callback_on_step_end": _step_callback(progress, 0, 1)} if progress else {}
-        images = self.pipelines.get(spec, call.variant)(generator=generators, output_type="pil", **call.kwargs, **extra).images
+        pipeline = self.pipelines.get(spec, call.variant)
+        with self.pipelines.loras(spec, first.loras, first.lora_strengths):  # equal in a batch (its key says so)
+            images = pipeline(generator=generators, output_type="pil", **call.kwargs, **extra).images
         out, start = [], 0
         for p in jobs:
             out.append([crop_to(image.convert("RGB"), p.width, p.height) for image in images[start:start + len(p.seeds)]])

@@ -11,6 +11,7 @@ A family says:
 * how a job's parameters become the keyword arguments of one pipeline call (``call``), and
   whether and how several jobs share one call (``batch_key`` / ``batch_call``);
 * the calls that warm a compiled pipeline at load (``warm_calls``);
+* whether jobs may bring LoRA adapters (``takes_loras``);
 * its tiny offline build (``build_tiny``: random weights, same classes and structure).
 
 Importing a family module must not import torch, diffusers or transformers: the HTTP layer
@@ -28,6 +29,7 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
+from fluxserve.loras import describe as describe_loras
 from fluxserve.params import JobParams
 
 #: Reference images larger than this are scaled down before they reach a pipeline (diffusers
@@ -83,6 +85,9 @@ class Family:
     min_generation_side: ClassVar[int] = 256  # smaller requests (realtime allows 64) are generated larger
     max_generation_side: ClassVar[int] = 1024
     writes_prompts: ClassVar[bool] = False  # its text encoder is a causal LM that can rewrite prompts
+    # its loaded class has diffusers' LoRA loader (``load_lora_weights``): jobs may name adapters
+    # (``lora_model``), loaded on that pipeline and shared with its variants (``engine.lora``)
+    takes_loras: ClassVar[bool] = False
 
     @property
     def tasks(self) -> frozenset[Task]:
@@ -129,11 +134,13 @@ class Family:
 # -- helpers the families share -------------------------------------------------------------------
 def text2img_batch_key(params: JobParams, *more: object) -> str | None:
     """Text-to-image jobs of one model with the same size, steps and guidance (and ``more``) may
-    share a call; other tasks never batch (their init images differ)."""
+    share a call; other tasks never batch (their init images differ). Jobs with LoRA adapters
+    share a call only with jobs applying the same adapters at the same strengths."""
     if params.task != Task.TEXT2IMG:
         return None
+    adapters = ("lora=" + describe_loras(params.loras, params.lora_strengths),) if params.loras else ()
     return "|".join(str(part) for part in (params.model, f"{params.width}x{params.height}", params.steps,
-                                           params.guidance, *more))
+                                           params.guidance, *more, *adapters))
 
 
 def batch_prompts(jobs: list[JobParams]) -> list[str]:
