@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     base64_inline: bool = Field(
         False, description="base64 answers as inline strings in output; default: ModelsLab's way, the URLs of "
         ".base64 text files (the PNG links stay in proxy_links).")
+    idempotent_track_id: bool = Field(
+        False, description="Treat a request's track_id as its Idempotency-Key when it sends none (for clients that "
+        "can't send headers): the same track_id again answers the first job.")
     log_format: Literal["text", "json"] = Field(
         "text", description="text: readable lines; json: one JSON object per line (time, level, name, process, message).")
     nsfw_threshold: float = Field(0.5, ge=0, le=1, description="NSFW score at or above which an image is blanked.")

@@ -98,6 +98,7 @@ class Janitor:
                 result.temp_files_deleted += self._sweep_folder(
                     storage.root, temp_cutoff, lambda name: name.startswith(TEMP_PREFIX)
                 )
+            self.jobs.forget_idempotency_keys(now)  # Idempotency-Keys name their job for 24 h
         if result:
             log.info(
                 "retention: %d jobs expired, %d output files, %d init images, %d temp files deleted",

@@ -4,13 +4,14 @@ then answer with its result, or "processing" once the wait bound passes."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import secrets
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import httpx
@@ -26,7 +27,7 @@ from fluxserve.dependencies import Dependency, Health, transient_dependency
 from fluxserve.events import JobEvents
 from fluxserve.images import ImageInputError, decode_image, fetch_image_bytes
 from fluxserve.jobs.status import JobStatus
-from fluxserve.jobs.store import JobStore
+from fluxserve.jobs.store import IdempotencyConflict, JobStore
 from fluxserve.jobs.tables import ApiKey, Job
 from fluxserve.loras import LoraCatalog, UnknownLora
 from fluxserve.metrics import Metrics
@@ -68,16 +69,28 @@ class GenerationService:
         except UnsuitableRequest as exc:
             raise ApiError(exc.status, str(exc)) from None
 
-    async def generate(self, key: ApiKey, family: PathFamily, action: Action, body: GenerationBody) -> JSONResponse:
+    async def generate(self, key: ApiKey, family: PathFamily, action: Action, body: GenerationBody,
+                       idempotency_key: str | None = None) -> JSONResponse:
         """A generation route's work: the model, the request, the job, the answer."""
         problem = body.size_problem(family.min_side, family.side_multiple)
         if problem:
             raise ApiError(400, problem)
         spec = self.choose_model(action, body.model_id)
-        return await self.submit(key, body.to_request(family.server, spec.name), deploy_type=family.deploy_type_of(action))
+        return await self.submit(key, body.to_request(family.server, spec.name), deploy_type=family.deploy_type_of(action),
+                                 idempotency_key=idempotency_key)
 
-    async def submit(self, key: ApiKey, request: GenerationRequest, *, deploy_type: str | None = None) -> JSONResponse:
+    async def submit(self, key: ApiKey, request: GenerationRequest, *, deploy_type: str | None = None,
+                     idempotency_key: str | None = None) -> JSONResponse:
+        """Queue the request as a job and answer it. With an idempotency key (the client's
+        ``Idempotency-Key`` header, or opt-in its ``track_id``), a request sent again gets the
+        first one's job instead of a new one (Stripe's rules: same key and same request: that
+        job's answer; same key, another request: 409)."""
         spec = self._model(request)
+        idempotency = self._idempotency(request, deploy_type, idempotency_key)
+        if idempotency is not None:
+            earlier = await run_in_threadpool(self.jobs.idempotent_job, key.id, *idempotency)
+            if earlier is not None:
+                return await self._replay(earlier, request)
         self._refuse_while_away(Dependency.DISK)
         await self._check_queue_limit(key)
         inputs = [await self._store_image(url) for url in request.init_images]
@@ -90,11 +103,15 @@ class GenerationService:
             if params.remote:
                 self._refuse_while_away(Dependency.OBJECT_STORE)
         file_prefix = str(uuid.uuid4())
-        job = await run_in_threadpool(
-            self.jobs.create, key_id=key.id, server=request.server, model=spec.name, task=request.task,
-            params=params.to_dict(), meta=self._meta(request, spec, params, file_prefix), file_prefix=file_prefix,
-            webhook=request.webhook, track_id=request.track_id, batch_key=spec.family.batch_key(params),
-        )
+        try:
+            job = await run_in_threadpool(
+                self.jobs.create, key_id=key.id, server=request.server, model=spec.name, task=request.task,
+                params=params.to_dict(), meta=self._meta(request, spec, params, file_prefix), file_prefix=file_prefix,
+                webhook=request.webhook, track_id=request.track_id, batch_key=spec.family.batch_key(params),
+                idempotency=idempotency,
+            )
+        except IdempotencyConflict as twin:  # the same key sent concurrently: the other one won
+            return await self._replay(twin, request)
         self.health.up(Dependency.DATABASE)  # it took the job: it is there
         self.metrics.jobs_submitted.labels(spec.name).inc()
         self.events.job_queued()
@@ -107,6 +124,32 @@ class GenerationService:
             if transient_dependency(exc) is None:
                 log.exception("answering job %s failed; answering processing", job.id)
             return JSONResponse(processing_body(job, self.storage, self.settings.base_url, self._rough_eta(job)))
+
+    def _idempotency(self, request: GenerationRequest, deploy_type: str | None,
+                     header: str | None) -> tuple[str, str] | None:
+        """(key, hash of the request as parsed) when the request is to be idempotent."""
+        value = (header or "").strip()
+        if not value and self.settings.idempotent_track_id and request.track_id:
+            value = f"track_id:{request.track_id}"
+        if not value:
+            return None
+        if len(value) > 255 or not value.isprintable() or not value.isascii():
+            raise ApiError(400, "Idempotency-Key must be 1-255 printable ASCII characters")
+        canonical = json.dumps({"request": asdict(request), "deploy_type": deploy_type}, sort_keys=True, default=str)
+        return value, hashlib.sha256(canonical.encode()).hexdigest()
+
+    async def _replay(self, earlier: IdempotencyConflict, request: GenerationRequest) -> JSONResponse:
+        if not earlier.same_request:
+            raise ApiError(409, "Idempotency-Key was already used with a different request; use a new key",
+                           id=earlier.job_id)
+        if request.instant_response:
+            job = await run_in_threadpool(self.jobs.get, earlier.job_id)
+            assert job is not None  # its idempotency key references it
+            answer = await self._answer(job)
+        else:
+            answer = await self._wait_and_answer(earlier.job_id)
+        answer.headers["Idempotent-Replayed"] = "true"
+        return answer
 
     def _refuse_while_away(self, dependency: Dependency) -> None:
         """503 with a retry hint while ``dependency`` is away (the worker or this process found

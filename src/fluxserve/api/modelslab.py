@@ -7,9 +7,9 @@ and a route's body type is a variable of the function that makes it.)
 """
 
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Header
 from fastapi.responses import JSONResponse
 
 from fluxserve.api.deps import AuthKey, ServicesDep
@@ -20,6 +20,9 @@ from fluxserve.contract import ERROR_STATUSES, ErrorAnswer, ProcessingAnswer, Su
 from fluxserve.models import TASK_WORDS
 
 router = APIRouter()
+IdempotencyHeader = Annotated[str | None, Header(
+    alias="Idempotency-Key", description="Makes the request safe to send again: the same key and request answer the "
+    "first one's job (kept 24 h); the same key with another request is refused (409).")]
 OptionalFetchBody = Body(None)
 
 
@@ -54,8 +57,9 @@ def _description(family: PathFamily, action: Action) -> str:
 def _generation_route(family: PathFamily, action: Action):
     body_type = BODIES[action.task]
 
-    async def generate(body: body_type, key: AuthKey, services: ServicesDep) -> JSONResponse:  # type: ignore[valid-type]
-        return await services.generation.generate(key, family, action, body)
+    async def generate(body: body_type, key: AuthKey, services: ServicesDep,  # type: ignore[valid-type]
+                       idempotency_key: IdempotencyHeader = None) -> JSONResponse:
+        return await services.generation.generate(key, family, action, body, idempotency_key)
 
     return generate
 

@@ -13,15 +13,25 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from fluxserve.contract import FailedAnswer
 from fluxserve.jobs.database import rowcount
 from fluxserve.jobs.status import DeliveryStatus, JobStatus
-from fluxserve.jobs.tables import Job, WebhookDelivery, utcnow
+from fluxserve.jobs.tables import IdempotencyKey, Job, WebhookDelivery, utcnow
 
 ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+IDEMPOTENCY_SECONDS = 24 * 3600  # how long an Idempotency-Key names its job (Stripe keeps them 24 h)
+
+
+class IdempotencyConflict(Exception):
+    """The idempotency key already created job ``job_id`` (for the same request, or not)."""
+
+    def __init__(self, job_id: int, same_request: bool):
+        super().__init__(f"idempotency key already used for job {job_id}")
+        self.job_id, self.same_request = job_id, same_request
 
 
 def _claim(session: Session, job_id: int) -> bool:
@@ -63,16 +73,55 @@ class JobStore:
     def create(
         self, *, key_id: int, server: str, model: str, task: str, params: dict[str, Any],
         meta: dict[str, Any], file_prefix: str, webhook: str | None = None, track_id: str | None = None,
-        batch_key: str | None = None,
+        batch_key: str | None = None, idempotency: tuple[str, str] | None = None,
     ) -> Job:
+        """Queue a job. With ``idempotency`` = (the client's key, the request's hash), the key is
+        recorded in the same transaction; if the key already names a job (within
+        ``IDEMPOTENCY_SECONDS``), nothing is created and ``IdempotencyConflict`` says which."""
         job = Job(
             key_id=key_id, server=server, model=model, task=task, status=JobStatus.QUEUED.value,
             params=params, meta=meta, file_prefix=file_prefix, outputs=[], webhook=webhook, track_id=track_id,
             batch_key=batch_key,
         )
-        with self._sessions.begin() as session:
-            session.add(job)
+        if idempotency is not None:
+            existing = self.idempotent_job(key_id, *idempotency)
+            if existing is not None:
+                raise existing
+        try:
+            with self._sessions.begin() as session:
+                session.add(job)
+                if idempotency is not None:
+                    session.flush()  # the job's id
+                    session.add(IdempotencyKey(key_id=key_id, value=idempotency[0], request_hash=idempotency[1],
+                                               job_id=job.id))
+        except IntegrityError:
+            if idempotency is None:
+                raise
+            existing = self.idempotent_job(key_id, *idempotency)  # a concurrent twin won the race
+            if existing is None:
+                raise
+            raise existing from None
         return job
+
+    def idempotent_job(self, key_id: int, value: str, request_hash: str) -> IdempotencyConflict | None:
+        """The job an unexpired idempotency key already created, as an ``IdempotencyConflict``
+        (``same_request`` tells whether the request matches); an expired key is deleted."""
+        cutoff = utcnow() - timedelta(seconds=IDEMPOTENCY_SECONDS)
+        with self._sessions.begin() as session:
+            row = session.scalar(select(IdempotencyKey).where(IdempotencyKey.key_id == key_id,
+                                                              IdempotencyKey.value == value))
+            if row is None:
+                return None
+            if row.created_at < cutoff:
+                session.delete(row)
+                return None
+            return IdempotencyConflict(row.job_id, row.request_hash == request_hash)
+
+    def forget_idempotency_keys(self, now: datetime | None = None) -> int:
+        """Delete keys older than ``IDEMPOTENCY_SECONDS`` (the janitor's job); returns how many."""
+        cutoff = (now or utcnow()) - timedelta(seconds=IDEMPOTENCY_SECONDS)
+        with self._sessions.begin() as session:
+            return rowcount(session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < cutoff)))
 
     def get(self, job_id: int, key_id: int | None = None) -> Job | None:
         if not _storable_id(job_id):  # e.g. a client's 10**30: no such job, and no database error

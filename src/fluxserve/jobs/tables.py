@@ -117,6 +117,22 @@ class Job(Base):
         return [name.removesuffix(".png") + ".base64" for name in self.output_names()]
 
 
+class IdempotencyKey(Base):
+    """A client's ``Idempotency-Key`` (per API key) and the job it created: the same key with the
+    same request answers that job again; with another request it is refused. Written in the
+    transaction that creates the job, so neither exists without the other."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("key_id", "value"), {"sqlite_autoincrement": True})
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    value: Mapped[str] = mapped_column(String(255))
+    request_hash: Mapped[str] = mapped_column(String(64))  # sha256 of the request as parsed
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
 class StorageConfig(Base):
     """A key's S3 details (ModelsLab's update_s3), per deploy type; the secret key encrypted."""
 
