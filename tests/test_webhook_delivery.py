@@ -217,7 +217,7 @@ def test_a_slow_receiver_does_not_delay_another_receivers_webhook(new_db, make_d
     print(f"\nfast webhook beside a slow receiver (1 s deadline): one at a time {one_at_a_time:.3f}s, "
           f"concurrent {concurrent:.3f}s")
     assert one_at_a_time >= 3.0  # behind three timeouts
-    assert concurrent < 0.3  # a fraction of the one second the slow receiver holds each POST
+    assert concurrent < 0.5  # a fraction of the one second the slow receiver holds each POST
 
 
 def test_per_host_limit_holds_and_rows_beyond_it_stay_unclaimed(new_db, make_dispatcher):
@@ -225,7 +225,7 @@ def test_per_host_limit_holds_and_rows_beyond_it_stay_unclaimed(new_db, make_dis
     key, _ = KeyStore(sessions).create("hooks")
     store = JobStore(sessions)
     total = Counting(0)
-    busy, other = Counting(free_port(), hold=0.3, shared=total), Counting(free_port(), hold=0.3, shared=total)
+    busy, other = Counting(free_port(), hold=0.5, shared=total), Counting(free_port(), hold=0.5, shared=total)
     claimed_peak = {busy.url: 0}
     with counting(busy), counting(other):
         for i in range(10):
@@ -256,7 +256,7 @@ def test_per_host_limit_holds_and_rows_beyond_it_stay_unclaimed(new_db, make_dis
           f"busy rows claimed at once <= {claimed_peak[busy.url]}")
     assert busy.peak == 3 and other.peak <= 3 and total.peak == 5
     assert claimed_peak[busy.url] <= 3  # the 7 others waited unclaimed, due
-    assert other.arrivals[0] - started < 0.2  # other's webhooks did not wait behind busy's backlog
+    assert other.arrivals[0] - started < 0.4  # other's webhooks did not wait for busy's first 0.5 s POSTs
     assert len(busy.arrivals) == 10 and len(other.arrivals) == 4  # each once
     with sessions() as session:
         assert set(session.scalars(select(WebhookDelivery.attempts))) == {1}
@@ -270,17 +270,19 @@ def test_rows_of_a_full_receiver_do_not_hide_other_receivers_rows(new_db, make_d
     sessions = new_db()
     key, _ = KeyStore(sessions).create("hooks")
     store = JobStore(sessions)
-    busy, other = Counting(free_port(), hold=1.0), Counting(free_port(), hold=0.0)
+    busy, other = Counting(free_port(), hold=3.0), Counting(free_port(), hold=0.0)
     with counting(busy), counting(other):
         for i in range(8):
             finished(store, key.id, busy.url, track_id=f"b{i}")
-        finished(store, key.id, other.url, track_id="o")
-        dispatcher = make_dispatcher(sessions, timeout_seconds=3.0, batch_size=4, per_host=2)
+        other_job = finished(store, key.id, other.url, track_id="o")
+        dispatcher = make_dispatcher(sessions, timeout_seconds=5.0, batch_size=4, per_host=2)
         started = time.monotonic()
         dispatcher.start()
-        wait_until(lambda: other.arrivals, 5, "the other receiver's webhook", interval=0.005)
-        assert other.arrivals[0] - started < 0.5  # not after busy's 1 s POSTs
-        assert dispatcher.in_flight == {f"http://127.0.0.1:{busy.port}": 2}
+        wait_until(lambda: delivery_for(sessions, other_job.id).status == "delivered", 5,
+                   "the other receiver's webhook", interval=0.005)
+        assert other.arrivals[0] - started < 1.0  # not after busy's 3 s POSTs
+        assert dispatcher.in_flight == {f"http://127.0.0.1:{busy.port}": 2}  # busy's first two, still held
+        assert time.monotonic() - started < 2.5
         dispatcher.stop()
 
 
@@ -310,7 +312,7 @@ def test_one_post_ends_by_its_deadline_however_the_receiver_trickles(new_db, mak
         assert dispatcher.deliver_due() == 1
     row = delivery_for(sessions, job.id)
     print(f"\n{mode} trickle, 1 s deadline: the POST ended after {took[0]:.3f}s ({row.last_error})")
-    assert 0.9 < took[0] < 1.3
+    assert 0.9 < took[0] < 1.5
     assert row.status == "pending" and row.last_error.startswith("timeout: no answer within 1s")
 
 
@@ -359,7 +361,7 @@ def test_stop_waits_for_the_posts_in_flight_within_its_bound(new_db, make_dispat
         wait_until(lambda: len(receiver.arrivals) == 2, 5, "the second POST", interval=0.005)
         started = time.monotonic()
         dispatcher.stop(timeout=0.2)  # bounded: gives up waiting, the row keeps its lease
-        assert time.monotonic() - started < 0.6
+        assert time.monotonic() - started < 1.0
         row = delivery_for(sessions, cut.id)
         assert row.status == "pending" and row.attempts == 1 and row.next_attempt_at > utcnow() + timedelta(seconds=30)
 

@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     janitor_interval_seconds: float = Field(60.0, gt=0, description="How often expired files are looked for.")
     webhook_retry_seconds: float = Field(86400.0, gt=0, description="How long a failing webhook is retried.")
     webhook_timeout_seconds: float = Field(
-        30.0, gt=0, le=600, description="Time one webhook POST gets in all, connect to answer (receivers answer within it).")
+        30.0, gt=0, description="Time one webhook POST gets in all, connect to answer (receivers answer within it).")
     webhook_concurrency: int = Field(16, ge=1, le=512, description="Webhook POSTs in flight at once (threads).")
     webhook_per_host: int = Field(
         4, ge=1, le=512, description="Webhook POSTs in flight to one receiver (scheme://host[:port]) at once.")
