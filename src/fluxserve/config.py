@@ -90,7 +90,11 @@ class Settings(BaseSettings):
     retention_seconds: float = Field(86400.0, gt=0, description="Local images are deleted this long after they are made.")
     janitor_interval_seconds: float = Field(60.0, gt=0, description="How often expired files are looked for.")
     webhook_retry_seconds: float = Field(86400.0, gt=0, description="How long a failing webhook is retried.")
-    webhook_timeout_seconds: float = Field(10.0, gt=0, description="Connect/read timeout of one webhook POST.")
+    webhook_timeout_seconds: float = Field(
+        30.0, gt=0, description="Time one webhook POST gets in all, connect to answer (receivers answer within it).")
+    webhook_concurrency: int = Field(16, ge=1, le=512, description="Webhook POSTs in flight at once (threads).")
+    webhook_per_host: int = Field(
+        4, ge=1, le=512, description="Webhook POSTs in flight to one receiver (scheme://host[:port]) at once.")
     max_body_bytes: int = Field(48 * 1024 * 1024, gt=0, description="Largest request body (data: URIs included).")
     body_timeout_seconds: float = Field(30.0, gt=0, description="Time a client gets to send its whole body.")
     rate_limit_per_key: str = Field("600/minute", description='Requests per key ("" for none), limits syntax.')

@@ -35,7 +35,9 @@ class SuccessAnswer(Answer):
     output: list[str]
     proxy_links: list[str] = Field(description="The image URLs (also when output holds base64).")
     nsfw_content_detected: bool = False
-    webhook_status: str | None = Field(None, description='"" without a webhook; pending | delivered | failed.')
+    webhook_status: str | None = Field(
+        None, description='"" without a webhook; pending | delivered | failed (refused by the receiver) | dead '
+        '(still failing when its retry window ended).')
     tip: str | None = None
     warning: str | None = Field(None, description='"" (ModelsLab has the field; typed clients read it).')
     message: str | None = Field(None, description="Set when the images expired and were deleted.")

@@ -122,6 +122,7 @@ def _background_services(settings: Settings, sessions, jobs, metrics) -> list:
     return [
         WebhookDispatcher(
             sessions, timeout_seconds=settings.webhook_timeout_seconds, fetch_policy=settings.fetch_policy(),
+            concurrency=settings.webhook_concurrency, per_host=settings.webhook_per_host,
             on_result=lambda result: metrics.webhook_deliveries.labels(result).inc(),
         ),
         Janitor(

@@ -20,8 +20,10 @@ admin = APIRouter(prefix="/api/v1/enterprise", tags=["enterprise admin"])
 ops = APIRouter(tags=["operations"])
 
 # Each ModelsLab enterprise "server" is one GPU box; here they share the workers and one queue.
+# (the webhook settings are not: the dispatcher is built once per process, so they are reported
+# under needs_process_restart)
 RELOADABLE = {"model_overrides", "nsfw_threshold", "sync_wait_seconds", "max_queued_per_key", "retention_seconds",
-              "lease_seconds", "heartbeat_seconds", "max_job_attempts", "device", "webhook_timeout_seconds",
+              "lease_seconds", "heartbeat_seconds", "max_job_attempts", "device",
               "max_init_image_bytes", "init_image_timeout_seconds"}
 
 

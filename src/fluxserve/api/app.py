@@ -23,10 +23,12 @@ from fluxserve.api.modelslab import router as modelslab_router
 from fluxserve.api.outputs import outputs_router
 from fluxserve.api.progress import jobs_router
 from fluxserve.api.storage_routes import storage_router
+from fluxserve.api.webhook_admin import webhooks_router
 from fluxserve.config import Settings
 from fluxserve.dependencies import Health
 from fluxserve.events import JobEvents
 from fluxserve.jobs.database import open_database
+from fluxserve.jobs.deliveries import WebhookDeliveries
 from fluxserve.jobs.store import JobStore
 from fluxserve.keys import KeyStore
 from fluxserve.metrics import Metrics
@@ -52,7 +54,8 @@ def create_app(
     events = events or JobEvents()
     metrics = metrics or Metrics()
     jobs = JobStore(sessions, webhook_retry_seconds=settings.webhook_retry_seconds)
-    metrics.bind(queue_depth=jobs.queue_depth, running=jobs.running_count)
+    deliveries = WebhookDeliveries(sessions, retry_seconds=settings.webhook_retry_seconds)
+    metrics.bind(queue_depth=jobs.queue_depth, running=jobs.running_count, dead_letters=deliveries.dead_count)
 
     def worker_status() -> dict:
         return getattr(getattr(host, "link", None), "last_status", {}) or {}
@@ -79,6 +82,7 @@ def create_app(
                 worker_status=worker_status,
                 reload_settings=reload_settings,
                 storage_configs=storage_configs,
+                deliveries=deliveries,
             )
             if on_startup:
                 on_startup()
@@ -105,7 +109,7 @@ def create_app(
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Content-Type", "Key", "Authorization"])
-    for router in (modelslab_router, admin, storage_router, jobs_router, outputs_router, ops):
+    for router in (modelslab_router, admin, storage_router, jobs_router, webhooks_router, outputs_router, ops):
         app.include_router(router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

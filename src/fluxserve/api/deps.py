@@ -11,6 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from fluxserve.api.errors import ApiError
 from fluxserve.api.generation import GenerationService
+from fluxserve.jobs.deliveries import WebhookDeliveries
 from fluxserve.jobs.tables import ApiKey
 from fluxserve.keys import KeyStore
 
@@ -31,6 +32,7 @@ class Services:
     worker_status: Callable[[], dict[str, Any]] = field(default=lambda: {})
     reload_settings: Callable[[], Any] | None = None
     storage_configs: Any = None  # fluxserve.storage.configs.StorageConfigs
+    deliveries: WebhookDeliveries | None = None  # webhook dead letters (api.webhook_admin)
 
 
 def get_services(request: Request) -> Services:

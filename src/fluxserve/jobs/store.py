@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from fluxserve.contract import FailedAnswer
 from fluxserve.jobs.database import rowcount
+from fluxserve.jobs.deliveries import receiver_of
 from fluxserve.jobs.status import DeliveryStatus, JobStatus
 from fluxserve.jobs.tables import IdempotencyKey, Job, WebhookDelivery, utcnow
 
@@ -178,7 +179,8 @@ class JobStore:
         return max(0.0, (utcnow() - job.created_at).total_seconds()) if job else 0.0
 
     def webhook_status(self, job_id: int) -> str:
-        """"" without a webhook, else the latest delivery's state (pending | delivered | failed)."""
+        """"" without a webhook, else the latest delivery's state: pending | delivered | failed
+        (the receiver refused it) | dead (its retry window ended; an admin may replay it)."""
         with self._sessions() as session:
             return session.scalar(
                 select(WebhookDelivery.status).where(WebhookDelivery.job_id == job_id)
@@ -280,7 +282,7 @@ class JobStore:
             return
         now = utcnow()
         session.add(WebhookDelivery(
-            job_id=job.id, key_id=job.key_id, url=job.webhook, payload=payload,
+            job_id=job.id, key_id=job.key_id, url=job.webhook, receiver=receiver_of(job.webhook), payload=payload,
             status=DeliveryStatus.PENDING.value, next_attempt_at=now,
             give_up_at=now + timedelta(seconds=self.webhook_retry_seconds),
         ))

@@ -164,10 +164,17 @@ class WebhookDelivery(Base):
     key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"))
     url: Mapped[str] = mapped_column(Text)
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
-    status: Mapped[str] = mapped_column(String(16), index=True)  # pending | delivered | failed
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # pending | delivered | failed | dead
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # since it was queued (or last replayed)
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
-    give_up_at: Mapped[datetime] = mapped_column()
+    give_up_at: Mapped[datetime] = mapped_column()  # the end of the retry window
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # -- concurrent delivery, dead letters ---------------------------------------------------
+    # "scheme://host[:port]" of the URL (never its path or query): the per-host limit counts
+    # POSTs in flight per receiver; NULL on rows from older releases (filled in when claimed)
+    receiver: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    claim_token: Mapped[str | None] = mapped_column(String(36), nullable=True)  # the attempt in flight
+    gave_up_at: Mapped[datetime | None] = mapped_column(nullable=True)  # when it became failed or dead
+    replays: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))  # by an admin
