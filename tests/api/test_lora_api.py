@@ -107,7 +107,7 @@ def test_refusals_come_before_queueing(lora_server, http, extra, message):
 
 def test_an_allowed_hub_adapter_not_in_the_cache_fails_the_job_saying_what_to_do(lora_server, http):
     result = http.post(KLEIN, json={"key": lora_server.key, "prompt": "x", "lora_model": HUB_ALLOWED, **SMALL}).json()
-    assert result["status"] == "error" and isinstance(result["id"], int)
+    assert result["status"] == "failed" and isinstance(result["id"], int)  # served: the job failed
     assert result["message"].startswith(f"LoRA adapter {HUB_ALLOWED} could not be loaded into flux-klein")
     assert f"hf download {HUB_ALLOWED}" in result["message"]
     assert http.post(KLEIN, json={"key": lora_server.key, "prompt": "x", **SMALL}).json()["status"] == "success"
