@@ -10,12 +10,13 @@ crash can lose a notification or send one for a job that did not finish.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import case, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from fluxserve.contract import FailedAnswer
 from fluxserve.jobs.database import rowcount
@@ -188,15 +189,39 @@ class JobStore:
             ) or ""
 
     # -- running -------------------------------------------------------------------------------
-    def claim_next(self) -> Job | None:
-        """Move the oldest queued job to running under a fresh claim token and return it."""
+    def claim_next(self, *, loaded: Sequence[str] = (), affinity_seconds: float = 0.0,
+                   models: Sequence[str] | None = None) -> Job | None:
+        """Move the next queued job to running under a fresh claim token and return it. Next is:
+
+        1. a job for a model in ``loaded`` (the worker holds it: no model swap), unless a job for
+           another model has waited ``affinity_seconds`` or more (then it is as good: no starvation);
+        2. fair share: the job of the key served longest ago (a key never served first), so one
+           key with 500 queued jobs does not block another key's single job;
+        3. the oldest.
+
+        ``models`` limits the worker to its model group. On PostgreSQL the row is taken with
+        ``FOR UPDATE SKIP LOCKED``, so concurrent workers take different jobs without retrying."""
         while True:
+            now = utcnow()
+            served = aliased(Job)
+            last_served = (select(func.max(served.started_at))
+                           .where(served.key_id == Job.key_id, served.started_at.is_not(None)).scalar_subquery())
+            query = select(Job.id).where(_claimable(now))
+            if models is not None:
+                query = query.where(Job.model.in_(list(models)))
+            order = []
+            if loaded:
+                waited_enough = Job.created_at <= now - timedelta(seconds=affinity_seconds)
+                order.append(case((or_(Job.model.in_(list(loaded)), waited_enough), 0), else_=1))
+            query = query.order_by(*order, last_served.asc().nulls_first(), Job.id).limit(1)
             with self._sessions.begin() as session:
-                job_id = session.scalar(select(Job.id).where(_claimable(utcnow())).order_by(Job.id).limit(1))
+                if session.get_bind().dialect.name == "postgresql":
+                    query = query.with_for_update(of=Job, skip_locked=True)
+                job_id = session.scalar(query)
                 if job_id is None:
                     return None
                 claimed = _claim(session, job_id)
-            if claimed:  # another worker may have won the race: then try the next one
+            if claimed:  # another worker may have won the race (SQLite): then try the next one
                 return self.get(job_id)
 
     def claim_compatible(self, batch_key: str, limit: int) -> list[Job]:
