@@ -74,7 +74,8 @@ def test_old_tables_lack_exactly_the_new_columns():
     old = {table.name: {column.name for column in table.columns} for table in OldBase.metadata.sorted_tables}
     assert current["jobs"] - old["jobs"] == NEW_JOB_COLUMNS and old["jobs"] <= current["jobs"]
     assert current["api_keys"] - old["api_keys"] == {"webhook_secret"} and old["api_keys"] <= current["api_keys"]
-    assert set(current) - set(old) == {"webhook_deliveries", "storage_configs", "idempotency_keys"}
+    assert set(current) - set(old) == {"webhook_deliveries", "storage_configs", "idempotency_keys", "workers",
+                                       "worker_commands"}
 
 
 # -- fixtures -------------------------------------------------------------------------------------

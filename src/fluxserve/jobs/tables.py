@@ -137,6 +137,34 @@ class IdempotencyKey(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
+class WorkerRow(Base):
+    """A GPU worker process of the cluster: it registers when it starts, beats while it lives
+    (with what it holds and what it finds away), and is gone when it stops or its beats stop."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # a random id per process start
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    gpu: Mapped[str | None] = mapped_column(String(64), nullable=True)  # its CUDA_VISIBLE_DEVICES
+    models: Mapped[list[Any]] = mapped_column(JSON, default=list)  # registry names it holds loaded
+    status: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # device, memory, what is away, ...
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class WorkerCommand(Base):
+    """An admin command for every worker of the cluster (clear_cache, restart): each worker runs
+    the commands newer than the last one it saw."""
+
+    __tablename__ = "worker_commands"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    command: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
 class StorageConfig(Base):
     """A key's S3 details (ModelsLab's update_s3), per deploy type; the secret key encrypted."""
 
