@@ -210,7 +210,7 @@ def test_upgrade_schema_reports_what_it_added(old_database, db_url):
     try:
         added = upgrade_schema(engine)
         assert sorted(added) == sorted([f"jobs.{name}" for name in NEW_JOB_COLUMNS] + ["api_keys.webhook_secret"]
-                                       + ["ix_jobs_heartbeat_at", "ix_jobs_expires_at", "ix_jobs_batch_key"])
+                                       + ["ix_jobs_heartbeat_at", "ix_jobs_expires_at", "ix_jobs_batch_key", "ix_jobs_key_started"])
         assert upgrade_schema(engine) == []
     finally:
         engine.dispose()
