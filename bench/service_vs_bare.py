@@ -527,7 +527,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=256, help="width = height, 256-1024, a multiple of 16")
     parser.add_argument("--steps", type=int, default=None, help="default: the service's (klein 4, kontext 28)")
     parser.add_argument("--requests", type=int, default=16, help="requests per run (each mode)")
-    parser.add_argument("--clients", default="1,4,8", help="concurrent client counts, comma-separated (\"\": sequential runs only)")
+    parser.add_argument("--clients", default="1,4,8",
+                        help="concurrent client counts, comma-separated (\"\": sequential runs only)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every mode (median reported)")
     parser.add_argument("--optimizations", default="none;default",
                         help='one service per spec, ";"-separated FLUXSERVE_OPTIMIZATIONS values ("default": the '

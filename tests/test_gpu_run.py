@@ -12,7 +12,6 @@ import sys
 import time
 
 import pytest
-
 from bench.gpu import report, run
 
 H200_BYTES = 139 * 2**30  # the device's CUDA-visible memory (KINDS.md: ~139 GiB)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from bench.workloads import data_uri, reference_image
+
 from fluxserve.engine.residency import module_bytes
 from tests.gpu.test_service_gpu import KLEIN, KONTEXT, SYSTEM_DETAILS, pixels
 from tests.support.servers import live_server

@@ -10,9 +10,9 @@ import time
 
 import numpy as np
 import pytest
+from bench.workloads import data_uri, reference_image
 from PIL import Image
 
-from bench.workloads import data_uri, reference_image
 from tests.support.servers import live_server
 from tests.support.waiting import wait_until
 

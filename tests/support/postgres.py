@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-
 SERVER_USER = "postgres"  # the unprivileged system user to run as when we are root
 DATABASE = "fluxserve_test"
 REQUIRE_ENV = "FLUXSERVE_REQUIRE_POSTGRES"
