@@ -22,6 +22,7 @@ Text = Annotated[str | None, BeforeValidator(lenient.to_text)]
 Urls = Annotated[list[str] | None, BeforeValidator(lenient.to_url_list)]
 
 MIN_SIDE, MAX_SIDE = 256, 1024
+SIDE_MULTIPLE = 8  # width and height are multiples of this
 MAX_PROMPT_CHARS = 8000  # far beyond what the text encoders read (512 tokens); bounds storage
 MAX_LENGTHS = {"track_id": 200, "webhook": 2048, "model_id": 64}  # as stored
 MAX_URL_CHARS = 8192  # http(s) image URLs (data: URIs are bounded by the body size)
@@ -99,8 +100,8 @@ class GenerationBody(BaseModel):
                 continue
             if not MIN_SIDE <= value <= MAX_SIDE:
                 raise _refuse(f"{side} must be between {MIN_SIDE} and {MAX_SIDE}")
-            if value % 8:
-                raise _refuse(f"{side} must be divisible by 8")
+            if value % SIDE_MULTIPLE:
+                raise _refuse(f"{side} must be divisible by {SIDE_MULTIPLE}")
         _check_range("samples", self.samples, 1, 4)
         _check_range("seed", self.seed, 0, SEED_MAX)
         _check_range("num_inference_steps", self.num_inference_steps, 1, 50)
