@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     sync_wait_seconds: float = Field(
         30.0, ge=0, description="How long a request waits for its job before answering processing."
     )
+    openai_wait_seconds: float = Field(
+        300.0, ge=0, description="How long an OpenAI Images API request (/v1/images/...) waits for its images "
+        "before answering 504 with the request id (OpenAI clients expect the images in the answer)."
+    )
     nsfw_threshold: float = Field(0.5, ge=0, le=1, description="NSFW score at or above which an image is blanked.")
     max_init_image_bytes: int = 20 * 1024 * 1024
     init_image_timeout_seconds: float = 20.0
