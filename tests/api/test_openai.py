@@ -248,6 +248,9 @@ def test_error_shapes_over_http(server):
     with httpx.Client(base_url=server.base_url, timeout=60) as http:
         openai_error(http.post("/v1/images/generations", json={"prompt": "x"}), 401, code="invalid_api_key")
         openai_error(http.get("/v1/models", headers={"Authorization": "Bearer nope"}), 401, code="invalid_api_key")
+        upload = {"image": ("a.png", png_bytes(make_test_image()), "image/png")}  # a form, no key: read once, still 401
+        openai_error(http.post("/v1/images/edits", files=upload, data={"prompt": "x"}), 401, code="invalid_api_key")
+        openai_error(http.post("/v1/images/generations", data={"prompt": "x"}), 401, code="invalid_api_key")
         auth = {"Authorization": f"Bearer {server.key}"}
         invalid = openai_error(http.post("/v1/images/generations", content=b"{not json", headers={
             **auth, "Content-Type": "application/json"}), 400)
