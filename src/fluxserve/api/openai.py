@@ -30,6 +30,7 @@ from fluxserve.api.answers import fetch_url, output_links
 from fluxserve.api.deps import AuthKey, ServicesDep
 from fluxserve.api.errors import ApiError
 from fluxserve.api.generation import GenerationService
+from fluxserve.api.paths import OPENAI_DEFAULT_MODEL, OPENAI_SERVER
 from fluxserve.api.schemas import Bool, Float, Int, Text, Text2ImgBody
 from fluxserve.contract import (
     OPENAI_ERROR_STATUSES,
@@ -46,12 +47,13 @@ from fluxserve.jobs.tables import ApiKey, Job
 from fluxserve.models import TASK_WORDS, ModelSpec, Registry, UnknownModel
 from fluxserve.params import GenerationRequest, Upload
 
-SERVER = "openai"  # job.server of every request taken here
-DEFAULT_MODEL = "flux-klein"  # text to image, editing with 1-4 images and inpainting; the fastest
+SERVER = OPENAI_SERVER  # job.server of every request taken here
+DEFAULT_MODEL = OPENAI_DEFAULT_MODEL  # text to image, editing with 1-4 images and inpainting; the fastest
 RESPONSE_FORMATS = ("url", "b64_json")
 DEPLOY_TYPES = {Task.TEXT2IMG: "text_to_image", Task.IMG2IMG: "image_editing", Task.INPAINT: "image_editing"}
 NO_RETRY = {"x-should-retry": "false"}  # the OpenAI SDKs retry 5xx: a retry would queue the same work again
 STARTED = int(time.time())  # "created" of the served models
+MAX_FILENAME_CHARS = 200  # of an upload's name, as meta records it
 
 router = APIRouter(prefix="/v1", tags=["OpenAI Images API"],
                    dependencies=[Depends(HTTPBearer(auto_error=False, description="A fluxserve API key"))])
@@ -255,7 +257,9 @@ async def edits(
 
 
 async def _upload(file: UploadFile) -> Upload:
-    return Upload(await file.read(), file.filename or "")
+    """The file's bytes, and its name as meta records it (printable, bounded: it is the client's text)."""
+    name = "".join(ch for ch in (file.filename or "") if ch.isprintable())[-MAX_FILENAME_CHARS:]
+    return Upload(await file.read(), name)
 
 
 @router.get("/models", summary="The served models (OpenAI)", response_model=OpenAIModelList,
