@@ -43,7 +43,8 @@ def test_readme_has_a_curl_for_every_endpoint():
                  "realtime/inpaint", "v6/images/text2img", "flux/img2img", "v6/images/inpaint", "v6/images/img2img",
                  "flux_klein/fetch/", "realtime/fetch/", "flux/fetch/", "images/fetch/", "v6/images/fetch/",
                  "v6/images/fetch -d", "enterprise/fetch -d", "v6/realtime/fetch/", "v6/fetch/", "image_editing/fetch/",
-                 "/v1/images/generations", "/v1/images/edits", "/v1/models"):
+                 "fluxserve/webhooks/deliveries?", "fluxserve/webhooks/deliveries/$DELIVERY_ID/replay",
+                 "fluxserve/webhooks/replay", "/v1/images/generations", "/v1/images/edits", "/v1/models"):
         assert path in text, path
 
 
@@ -56,6 +57,26 @@ def test_readme_lists_every_path_family_of_the_table():
         assert f"`{family.prefix}`" in text, family.prefix
         for action in family.actions:
             assert f"`{action.name}`" in text, (family.prefix, action.name)
+
+
+def _seed_dead_letter(server) -> int:
+    """A finished job whose webhook gave up (as after a day of a receiver being down), for the
+    dead-letter examples; replayed, it is sent to a closed loopback port and retried."""
+    from fluxserve.jobs.tables import Job, WebhookDelivery, utcnow
+
+    key = server.keys.authenticate(server.key)
+    now = utcnow()
+    with server.jobs._sessions.begin() as session:
+        job = Job(key_id=key.id, server="v6", model="flux", task="text2img", status="failed", params={"seeds": [1]},
+                  meta={}, file_prefix="dead-letter", outputs=[], error="example", webhook="http://127.0.0.1:9/hook")
+        session.add(job)
+        session.flush()
+        delivery = WebhookDelivery(job_id=job.id, key_id=key.id, url=job.webhook, receiver="http://127.0.0.1:9",
+                                   payload={"status": "failed", "id": job.id}, status="dead", attempts=12,
+                                   next_attempt_at=now, give_up_at=now, gave_up_at=now, last_error="HTTP 503")
+        session.add(delivery)
+        session.flush()
+        return delivery.id
 
 
 def _answers(stdout: str) -> list[dict]:
@@ -76,6 +97,8 @@ def test_readme_curl_block_works(server, image_host, index, tmp_path):
     script = script.replace(EXAMPLE_IMAGE, f"{image_host}/a.png")
     script = script.replace(".venv/bin/python", sys.executable)
     script = "\n".join(line for line in script.splitlines() if not line.startswith("export ADMIN_KEY="))
+    if "$DELIVERY_ID" in script:  # the dead-letter examples replay one: there is one
+        _seed_dead_letter(server)
     env = dict(os.environ, KEY=server.key, ADMIN_KEY=server.admin_key)
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, env=env, timeout=300,
                           cwd=tmp_path)  # files a block writes (an image to upload) land there
@@ -90,7 +113,7 @@ def test_readme_curl_block_works(server, image_host, index, tmp_path):
             assert "only queued requests can be cancelled" in answer["message"], answer
             continue
         assert answer.get("status") in ("success", "processing", "ok") or "step" in answer or "position" in answer, answer
-        if answer.get("status") in ("success", "processing"):
+        if answer.get("status") in ("success", "processing") and "replayed" not in answer:  # replay all: ids listed
             assert isinstance(answer["id"], int)
 
 

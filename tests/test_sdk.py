@@ -103,7 +103,8 @@ def test_realtime_samples_and_base64_through_the_sdk(server):
     assert result["status"] == "success", result
     assert result["meta"]["base64"] == "yes" and result["meta"]["seeds"] == [5, 6]
     blobs = assert_pngs(result["proxy_links"], count=2)
-    assert [base64.b64decode(item) for item in result["output"]] == blobs
+    # output holds the URLs of .base64 text files (ModelsLab's way): GET and decode gives the PNGs
+    assert [base64.b64decode(httpx.get(url).text) for url in result["output"]] == blobs
 
 
 # -- image editing: Flux Kontext through Community (/api/v6/images/img2img) --------------------------

@@ -1,6 +1,7 @@
 """Webhook delivery against real loopback receivers: signatures, retries with backoff,
-persistence across a restart, permanent failures, the retry period, and two dispatchers
-sharing one database (SQLite, and PostgreSQL where its server binaries are installed)."""
+persistence across a restart, permanent failures, the retry period (then a dead letter), and
+two dispatchers sharing one database (SQLite, and PostgreSQL where its server binaries are
+installed). Concurrency, the whole-POST deadline and the admin routes: test_webhook_delivery.py."""
 
 from __future__ import annotations
 
@@ -413,7 +414,7 @@ def test_client_errors_and_redirects_fail_at_once(sessions, receiver, dispatcher
     assert JobStore(sessions).webhook_status(job.id) == "failed"
 
 
-def test_retry_period_over_fails_the_delivery(sessions, receiver, dispatchers):
+def test_retry_period_over_makes_the_delivery_a_dead_letter(sessions, receiver, dispatchers):
     key, _ = KeyStore(sessions).create("hooks")
     short = JobStore(sessions, webhook_retry_seconds=5)
     job = finish_job(sessions, key.id, receiver.url, store=short)
@@ -425,9 +426,10 @@ def test_retry_period_over_fails_the_delivery(sessions, receiver, dispatchers):
         assert delivery_for(sessions, job.id).status == "pending"
     assert dispatcher.deliver_due(now=start + timedelta(seconds=4.5)) == 1  # the next try would pass give_up_at
     row = delivery_for(sessions, job.id)
-    assert (row.status, row.attempts) == ("failed", 4)
+    assert (row.status, row.attempts) == ("dead", 4) and row.gave_up_at is not None
     assert "HTTP 503" in row.last_error and "retry period" in row.last_error
     assert dispatcher.deliver_due(now=later(3600)) == 0
+    assert short.webhook_status(job.id) == "dead"
 
 
 def test_delivery_already_past_give_up_at_gets_one_last_try(sessions, receiver, dispatchers):
@@ -440,10 +442,10 @@ def test_delivery_already_past_give_up_at_gets_one_last_try(sessions, receiver, 
     outcomes = []
     dispatcher = dispatchers(sessions, on_result=outcomes.append)
     assert dispatcher.deliver_due() == 2
-    assert sorted(outcomes) == ["delivered", "failed"]
+    assert sorted(outcomes) == ["dead", "delivered"]
     assert delivery_for(sessions, late.id).status == "delivered"
     row = delivery_for(sessions, lost.id)
-    assert (row.status, row.attempts) == ("failed", 1) and "retry period" in row.last_error
+    assert (row.status, row.attempts) == ("dead", 1) and "retry period" in row.last_error
 
 
 def test_two_dispatchers_on_one_database_deliver_each_webhook_exactly_once(db_url, open_db, receiver, dispatchers):

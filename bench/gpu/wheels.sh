@@ -40,6 +40,7 @@ WHEELS=(
                            # truncate_text_encoder switch fails its probe and reports itself unavailable, so
                            # "default" would not be the production default (pyproject pins >= 5.23)
   torchao==0.17.0          # fp8 switch; its C++ extensions were built for torch 2.11 (0.18 wants newer)
+  peft==0.21.2             # LoRA adapters (lora_model) and the tiny demo adapters; pure Python
   # the service: API, settings, store, rate limits, secrets, events
   fastapi==0.165.0
   starlette==1.10.0

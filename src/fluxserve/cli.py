@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from fluxserve.config import Settings, settings_problems
+from fluxserve.logs import configure as configure_logging
 
 app = typer.Typer(help="fluxserve: self-hosted image generation that speaks the ModelsLab API.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage API keys (stored hashed).", no_args_is_help=True)
@@ -76,7 +77,7 @@ def serve(
 
     from fluxserve.runtime import build_server_app
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level, settings.log_format)
     # update_server reports a refused setting itself (400, nothing changed)
     app_ = build_server_app(settings, reload_settings=lambda: _load_settings(env_file, **flags))
     if not _key_store(settings.data_dir, settings.database_url).list():
@@ -150,11 +151,14 @@ def models_list(
 
 @models_app.command("build-tiny")
 def models_build_tiny(data_dir: DataDir = None) -> None:
-    """Build the tiny random-weight pipelines (offline, deterministic, once)."""
-    from fluxserve.engine.tiny import build_tiny_models
+    """Build the tiny random-weight pipelines and their demo LoRA adapters (offline, deterministic, once)."""
+    from fluxserve.engine.tiny import build_tiny_loras, build_tiny_models
 
-    for name, path in build_tiny_models(_settings(data_dir=data_dir).tiny_models_dir).items():
+    settings = _settings(data_dir=data_dir)
+    for name, path in build_tiny_models(settings.tiny_models_dir).items():
         typer.echo(f"{name}\t{path}")
+    for name, path in build_tiny_loras(settings.tiny_models_dir, settings.tiny_loras_dir).items():
+        typer.echo(f"LoRA {name}\t{path}")
 
 
 if __name__ == "__main__":  # pragma: no cover

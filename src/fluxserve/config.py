@@ -27,6 +27,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from fluxserve.engine.switches import Optimizations
+from fluxserve.loras import check_hub_id
 from fluxserve.models import Registry
 from fluxserve.units import parse_bytes
 
@@ -72,6 +73,14 @@ class Settings(BaseSettings):
         300.0, ge=0, description="How long an OpenAI Images API request (/v1/images/...) waits for its images "
         "before answering 504 with the request id (OpenAI clients expect the images in the answer)."
     )
+    base64_inline: bool = Field(
+        False, description="base64 answers as inline strings in output; default: ModelsLab's way, the URLs of "
+        ".base64 text files (the PNG links stay in proxy_links).")
+    idempotent_track_id: bool = Field(
+        False, description="Treat a request's track_id as its Idempotency-Key when it sends none (for clients that "
+        "can't send headers): the same track_id again answers the first job.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: readable lines; json: one JSON object per line (time, level, name, process, message).")
     nsfw_threshold: float = Field(0.5, ge=0, le=1, description="NSFW score at or above which an image is blanked.")
     max_init_image_bytes: int = 20 * 1024 * 1024
     init_image_timeout_seconds: float = 20.0
@@ -85,7 +94,11 @@ class Settings(BaseSettings):
     retention_seconds: float = Field(86400.0, gt=0, description="Local images are deleted this long after they are made.")
     janitor_interval_seconds: float = Field(60.0, gt=0, description="How often expired files are looked for.")
     webhook_retry_seconds: float = Field(86400.0, gt=0, description="How long a failing webhook is retried.")
-    webhook_timeout_seconds: float = Field(10.0, gt=0, description="Connect/read timeout of one webhook POST.")
+    webhook_timeout_seconds: float = Field(
+        30.0, gt=0, description="Time one webhook POST gets in all, connect to answer (receivers answer within it).")
+    webhook_concurrency: int = Field(16, ge=1, le=512, description="Webhook POSTs in flight at once (threads).")
+    webhook_per_host: int = Field(
+        4, ge=1, le=512, description="Webhook POSTs in flight to one receiver (scheme://host[:port]) at once.")
     max_body_bytes: int = Field(48 * 1024 * 1024, gt=0, description="Largest request body (data: URIs included).")
     body_timeout_seconds: float = Field(30.0, gt=0, description="Time a client gets to send its whole body.")
     rate_limit_per_key: str = Field("600/minute", description='Requests per key ("" for none), limits syntax.')
@@ -112,6 +125,13 @@ class Settings(BaseSettings):
     enhance_openai_api_key: str | None = None
     enhance_timeout_seconds: float = Field(10.0, gt=0, description="Bound on one prompt enhancement.")
     enhance_max_new_tokens: int = Field(120, ge=1, le=512)
+    lora_dir: Path | None = Field(
+        None, description="LoRA adapters requests may name (lora_model): <name>.safetensors or a folder <name>/ holding one; "
+        "default data_dir/loras.")
+    lora_hub_ids: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description='Hub LoRA repos requests may name, e.g. ["org/repo", "org/repo:file.safetensors"] '
+        "(loaded through the Hugging Face cache; never URLs).")
+    lora_max_loaded: int = Field(8, ge=1, le=64, description="LoRA adapters kept loaded per model (least recently used dropped).")
 
     def fetch_policy(self, max_bytes: int | None = None):
         from fluxserve.fetching import FetchPolicy
@@ -224,6 +244,32 @@ class Settings(BaseSettings):
             if not 8 <= size <= MAX_WARM_SIZE or size % 8:
                 raise ValueError(f"warm size {size} must be a multiple of 8 from 8 to {MAX_WARM_SIZE}")
         return value
+
+    @field_validator("lora_hub_ids", mode="before")
+    @classmethod
+    def _decode_lora_hub_ids(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        if not value.strip():
+            return []
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON ({exc}); expected e.g. [\"org/repo\"]") from None
+
+    @field_validator("lora_hub_ids")
+    @classmethod
+    def _check_lora_hub_ids(cls, value: list[str]) -> list[str]:
+        return [check_hub_id(entry) for entry in value]
+
+    @property
+    def lora_folder(self) -> Path:
+        return self.lora_dir or self.data_dir / "loras"
+
+    @property
+    def tiny_loras_dir(self) -> Path:
+        """The tiny random-weight demo adapters (``--models tiny`` only), beside the tiny models."""
+        return self.tiny_models_dir / "loras"
 
     @property
     def base_url(self) -> str:

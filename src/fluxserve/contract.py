@@ -27,7 +27,7 @@ class Answer(BaseModel):
 class SuccessAnswer(Answer):
     """A finished request: ``output`` holds the image URLs (or, with ``base64``, the images)."""
 
-    omitted_when_none: ClassVar[frozenset[str]] = frozenset({"message", "track_id", "webhook_status", "tip"})
+    omitted_when_none: ClassVar[frozenset[str]] = frozenset({"message", "track_id", "webhook_status", "tip", "warning"})
 
     status: Literal["success"] = "success"
     generationTime: float = Field(description="Seconds spent generating (model loading excluded).")
@@ -35,8 +35,11 @@ class SuccessAnswer(Answer):
     output: list[str]
     proxy_links: list[str] = Field(description="The image URLs (also when output holds base64).")
     nsfw_content_detected: bool = False
-    webhook_status: str | None = Field(None, description='"" without a webhook; pending | delivered | failed.')
+    webhook_status: str | None = Field(
+        None, description='"" without a webhook; pending | delivered | failed (refused by the receiver) | dead '
+        '(still failing when its retry window ended).')
     tip: str | None = None
+    warning: str | None = Field(None, description='"" (ModelsLab has the field; typed clients read it).')
     message: str | None = Field(None, description="Set when the images expired and were deleted.")
     track_id: str | None = Field(None, description="Webhooks only: the request's track_id.")
     meta: dict[str, Any] = Field(description="Every parameter used: seed(s), size, steps, model_id, ...")
@@ -47,6 +50,8 @@ class ProcessingAnswer(Answer):
 
     status: Literal["processing"] = "processing"
     tip: str
+    tip_1: str = ""
+    webhook_status: str = Field("", description='"" without a webhook; pending until the job ends.')
     eta: float = Field(description="Estimated seconds until the images are ready.")
     message: str = "Request processing"
     fetch_result: str
@@ -58,20 +63,19 @@ class ProcessingAnswer(Answer):
 
 
 class FailedAnswer(Answer):
-    """A request that was accepted and then failed or was cancelled (ModelsLab's failure webhook)."""
-
-    omitted_when_none: ClassVar[frozenset[str]] = frozenset({"output"})
+    """A request that was accepted and then failed or was cancelled: the failure webhook's body,
+    and what every fetch (and the generation request itself) answers for it, with HTTP 200 (the
+    request was served; the job failed). Clients' polling loops stop on ``"failed"``."""
 
     status: Literal["failed"] = "failed"
     id: int
     message: str
-    output: list[str] | None = None
     track_id: str | None = None
 
 
 class ErrorAnswer(Answer):
-    """A refusal: bad input, a bad key, an unknown model or request, a limit; also how the
-    ModelsLab paths answer a failed job (with its ``id``)."""
+    """A refusal of a request that can't be served: bad input, a bad key, an unknown model or
+    request id, a limit (429 with ``retry_after``)."""
 
     status: Literal["error"] = "error"
     message: str
@@ -81,11 +85,6 @@ def error_body(message: str, **extra: Any) -> dict[str, Any]:
     return ErrorAnswer(message=message, **extra).body()
 
 
-def failed_job_body(job_id: int, message: str) -> dict[str, Any]:
-    """How the ModelsLab generation and fetch paths answer a failed or cancelled job."""
-    return error_body(message, id=job_id, output=[])
-
-
 #: What ModelsLab documents for the statuses the service sends, for ``/docs``.
 ERROR_STATUSES: dict[int, str] = {
     400: "Bad input (missing prompt, out-of-range value, an init image that can't be fetched or decoded)",
@@ -93,10 +92,11 @@ ERROR_STATUSES: dict[int, str] = {
     403: "An admin endpoint called with a user key",
     404: "Unknown model (`Model not found: X`), request or route",
     408: "The request body took too long to arrive",
-    410: "The request was cancelled",
+    409: "The request can't change now (e.g. cancelling a job that already runs)",
     413: "The request body is too large",
-    429: "Rate limit or queued-request limit exceeded (`retry_after` in seconds)",
-    500: "The generation failed (the body says why) or an internal error",
+    429: "Rate limit or queued-request limit exceeded (`retry_after` in the body, `Retry-After` and "
+         "`X-RateLimit-Reset` headers)",
+    500: "An internal error (a failed *job* is answered 200 with status `failed`)",
     503: "Service temporarily unavailable",
 }
 
@@ -167,10 +167,13 @@ OPENAI_ERROR_STATUSES: dict[int, str] = {
     401: "Missing or invalid API key (`invalid_api_key`)",
     404: "Unknown model (`model_not_found`) or route",
     408: "The request body took too long to arrive",
+    409: "The `Idempotency-Key` was already used with a different request",
     410: "The request was cancelled (e.g. by `clear_queue`) before its images were made",
     413: "The request body is too large",
     429: "Rate limit or queued-request limit exceeded (`Retry-After` header, in seconds)",
     500: "The generation failed (the message says why) or an internal error",
+    503: "A dependency (database, disk, object store) is away: retry later (`Retry-After`); after the request "
+         "was queued, the message names its id instead",
     504: "The images were not ready within `FLUXSERVE_OPENAI_WAIT_SECONDS`; the message names the request id to fetch "
          "it with the ModelsLab fetch routes",
 }

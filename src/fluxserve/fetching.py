@@ -437,20 +437,41 @@ _SNIFF_BYTES = 12
 _NOT_AN_IMAGE = "the content is not a PNG, JPEG, WebP or GIF image"
 
 
+_BASE64_TEXT = re.compile(r"[A-Za-z0-9+/_\-\s]+={0,2}\s*")
+
+
 def decode_data_uri(uri: str, max_bytes: int, *, expect_image: bool = False) -> bytes:
-    """Bytes of a base64 ``data:`` URI, at most ``max_bytes``."""
+    """Bytes of a base64 ``data:`` URI, at most ``max_bytes`` (whitespace in the payload, e.g. a
+    space after the comma as in ModelsLab's own examples, is ignored)."""
     header, sep, payload = uri.partition(",")
     if not header.lower().startswith("data:") or not sep:
         raise FetchError("not a valid data: URI")
     if ";base64" not in header.lower():
         raise FetchError("data: URIs must be base64 encoded")
+    return _decode_base64(payload, max_bytes, "data: URI", expect_image=expect_image)
+
+
+def is_raw_base64(text: str) -> bool:
+    """A bare base64 string (no ``data:`` prefix), as clients send ``image_to_base64()`` output:
+    only base64 characters (standard or URL-safe alphabet), long enough to hold an image header."""
+    return len(text) >= 16 and _BASE64_TEXT.fullmatch(text) is not None
+
+
+def decode_raw_base64(text: str, max_bytes: int, *, expect_image: bool = False) -> bytes:
+    return _decode_base64(text, max_bytes, "base64 image", expect_image=expect_image)
+
+
+def _decode_base64(payload: str, max_bytes: int, what: str, *, expect_image: bool = False) -> bytes:
     payload = "".join(payload.split())
     if len(payload) > (max_bytes + 2) // 3 * 4 + 4:
         raise FetchError(f"larger than {max_bytes} bytes")
     try:
-        data = base64.b64decode(payload, validate=True)
+        if "-" in payload or "_" in payload:  # the URL-safe alphabet
+            data = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+        else:
+            data = base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
     except (binascii.Error, ValueError):
-        raise FetchError("data: URI is not valid base64") from None
+        raise FetchError(f"{what} is not valid base64") from None
     if len(data) > max_bytes:
         raise FetchError(f"larger than {max_bytes} bytes")
     if expect_image and sniff_image_format(data) is None:

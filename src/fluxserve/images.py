@@ -11,7 +11,7 @@ import zlib
 import httpx
 from PIL import Image, ImageOps, features
 
-from fluxserve.fetching import FetchError, FetchPolicy, decode_data_uri, fetch_bytes
+from fluxserve.fetching import FetchError, FetchPolicy, decode_data_uri, decode_raw_base64, fetch_bytes, is_raw_base64
 
 MAX_PIXELS = 40_000_000  # refuse decompression bombs before decoding pixels
 MAX_SIDE = 16_384  # and extreme aspects: 1x40M pixels is still a bomb for resizing
@@ -40,15 +40,23 @@ class ImageInputError(ValueError):
 
 
 async def fetch_image_bytes(url: str, *, client: httpx.AsyncClient, policy: FetchPolicy) -> bytes:
-    """Bytes of an http(s) URL (checked against SSRF, pinned, size-capped: ``fetching``) or of a
-    base64 data: URI."""
+    """Bytes of an image as clients send one: an http(s) URL (checked against SSRF, pinned,
+    size-capped: ``fetching``), a base64 ``data:`` URI, or a bare base64 string."""
+    inline = url[:5].lower() == "data:" or is_raw_base64(url)
     try:
-        if url.startswith("data:"):
+        if url[:5].lower() == "data:":
             return decode_data_uri(url, policy.max_bytes)
+        if inline:
+            return decode_raw_base64(url, policy.max_bytes)
         return await fetch_bytes(url, policy=policy, client=client, allow_data=False)
     except FetchError as exc:
-        prefix = "" if url.startswith("data:") else "Unable to fetch image from provided URL: "
+        prefix = "" if inline else "Unable to fetch image from provided URL: "
         raise ImageInputError(f"{prefix}{exc}") from None
+
+
+def is_inline_image(text: str) -> bool:
+    """An image sent in the request itself (a data: URI or bare base64), not a URL to fetch."""
+    return text[:5].lower() == "data:" or is_raw_base64(text)
 
 
 def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE,

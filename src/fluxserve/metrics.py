@@ -28,7 +28,12 @@ class Metrics:
             registry=self.registry,
         )
         self.webhook_deliveries = Counter(
-            "fluxserve_webhook_deliveries", "Webhook delivery attempts, by result", ["result"], registry=self.registry
+            "fluxserve_webhook_deliveries", "Webhook delivery attempts, by result (delivered, retry, failed, dead)",
+            ["result"], registry=self.registry
+        )
+        self.webhook_dead_letters = Gauge(
+            "fluxserve_webhook_dead_letters", "Webhook deliveries whose retry window ended (dead, not replayed)",
+            registry=self.registry,
         )
         self.worker_restarts = Counter(
             "fluxserve_worker_restarts", "Times the worker process was (re)started after dying", registry=self.registry
@@ -43,9 +48,12 @@ class Metrics:
             "fluxserve_gpu_memory_bytes", "GPU memory as last reported by the worker", ["kind"], registry=self.registry
         )
 
-    def bind(self, queue_depth: Callable[[], float], running: Callable[[], float]) -> None:
+    def bind(self, queue_depth: Callable[[], float], running: Callable[[], float],
+             dead_letters: Callable[[], float] | None = None) -> None:
         self.queue_depth.set_function(queue_depth)
         self.running.set_function(running)
+        if dead_letters is not None:
+            self.webhook_dead_letters.set_function(dead_letters)
 
     def set_gpu_memory(self, memory: dict[str, int] | None) -> None:
         for kind, value in (memory or {}).items():

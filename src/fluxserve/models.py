@@ -149,7 +149,7 @@ class Registry:
         return spec
 
     def check_inputs(self, spec: ModelSpec, task: Task | str, *, init_images: int, second_image: bool,
-                     mask: bool) -> None:
+                     mask: bool, loras: bool = False) -> None:
         """Refuse (400) inputs the model's family can't take, before anything is queued."""
         task, limits = Task(task), spec.family.limits
         if not spec.supports(task):
@@ -164,6 +164,10 @@ class Registry:
             raise UnsuitableRequest(f"init_image_2 is only supported by {', '.join(takers) or 'no model served here'}")
         if task is Task.INPAINT and not mask:
             raise UnsuitableRequest("mask_image is required")
+        if loras and not spec.family.takes_loras:
+            takers = [s.name for s in self.specs() if s.family.takes_loras]
+            raise UnsuitableRequest(f"{spec.name} does not take LoRA adapters (lora_model); models that do: "
+                                    f"{', '.join(takers) or 'none served here'}")
 
     def prompt_writer(self) -> ModelSpec | None:
         """A model whose text encoder can rewrite prompts (``enhance_prompt``), if one is served."""

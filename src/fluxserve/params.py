@@ -55,6 +55,8 @@ class GenerationRequest:
     enhance_prompt: bool | None = None
     track_id: str | None = None
     webhook: str | None = None
+    loras: list[str] = field(default_factory=list)  # lora_model: adapter names (``fluxserve.loras``)
+    lora_strengths: list[float] = field(default_factory=list)  # one per adapter, resolved
 
 
 @dataclass
@@ -82,6 +84,11 @@ class JobParams:
     remote: dict[str, Any] | None = None
     enhance_prompt: bool = False
     mask: str | None = None  # stored mask file (inpainting), the size of inputs[0]
+    base64_inline: bool = False  # with base64: the images themselves in output (else .base64 files' URLs)
+    # LoRA adapters applied to this job (names as in ``fluxserve.loras``) and their strengths, one
+    # each; empty for none (and in rows stored before adapters existed)
+    loras: list[str] = field(default_factory=list)
+    lora_strengths: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

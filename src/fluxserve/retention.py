@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from fluxserve.dependencies import transient_dependency
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.tables import utcnow
 from fluxserve.storage.local import LocalStorage
@@ -97,6 +98,7 @@ class Janitor:
                 result.temp_files_deleted += self._sweep_folder(
                     storage.root, temp_cutoff, lambda name: name.startswith(TEMP_PREFIX)
                 )
+            self.jobs.forget_idempotency_keys(now)  # Idempotency-Keys name their job for 24 h
         if result:
             log.info(
                 "retention: %d jobs expired, %d output files, %d init images, %d temp files deleted",
@@ -187,6 +189,10 @@ class Janitor:
             started = time.monotonic()
             try:
                 self.sweep()
-            except Exception:  # a bad sweep (database down, disk error) must not end the thread
-                log.exception("retention: sweep failed")
+            except Exception as exc:  # a bad sweep (database down, disk error) must not end the thread
+                dependency = transient_dependency(exc)
+                if dependency is None:
+                    log.exception("retention: sweep failed")
+                else:  # an outage: one line, not a traceback per sweep
+                    log.debug("retention: sweep skipped: %s unavailable (%s)", dependency.value, exc)
             stop.wait(max(0.0, self.interval_seconds - (time.monotonic() - started)))

@@ -15,9 +15,10 @@ def build_registry(settings: Settings, *, build_tiny: bool = True) -> Registry:
     if settings.models == "tiny":
         tiny_root = settings.tiny_models_dir
         if build_tiny:
-            from fluxserve.engine.tiny import build_tiny_models
+            from fluxserve.engine.tiny import build_tiny_loras, build_tiny_models
 
             build_tiny_models(tiny_root)
+            build_tiny_loras(tiny_root, settings.tiny_loras_dir)  # the demo adapters (see fluxserve.loras)
     return Registry.build(settings.model_overrides, tiny_root=tiny_root)
 
 
@@ -49,11 +50,13 @@ def build_enhancer(settings: Settings):
 def build_worker(settings: Settings, *, sink=None, commands=None):
     """A worker for these settings (thread or child process: see ``supervisor``)."""
     from fluxserve.engine.loading import PipelineCache, pick_device
+    from fluxserve.engine.lora import Adapters
     from fluxserve.engine.optimize import Optimizations, compute_dtype
     from fluxserve.engine.residency import Residency, parse_bytes
     from fluxserve.engine.runner import Engine
     from fluxserve.jobs.database import open_database
     from fluxserve.jobs.store import JobStore
+    from fluxserve.loras import LoraCatalog
     from fluxserve.safety import SafetyChecker
     from fluxserve.storage.local import LocalStorage
     from fluxserve.worker import Worker, WorkerConfig
@@ -61,8 +64,9 @@ def build_worker(settings: Settings, *, sink=None, commands=None):
     device = pick_device(settings.device)
     optimizations = Optimizations.from_strings(settings.optimizations or "")
     residency = Residency(device=device, budget_bytes=parse_bytes(settings.gpu_memory_budget), offload=settings.offload)
+    adapters = Adapters(LoraCatalog.from_settings(settings), settings.lora_max_loaded)
     pipelines = PipelineCache(device, compute_dtype(device, optimizations), residency, optimizations,
-                              tuple(settings.compile_warm_sizes), settings.max_batch_size)
+                              tuple(settings.compile_warm_sizes), settings.max_batch_size, adapters)
     sessions = open_database(settings.resolved_database_url)
     return Worker(
         registry=build_registry(settings, build_tiny=False),
@@ -118,6 +122,7 @@ def _background_services(settings: Settings, sessions, jobs, metrics) -> list:
     return [
         WebhookDispatcher(
             sessions, timeout_seconds=settings.webhook_timeout_seconds, fetch_policy=settings.fetch_policy(),
+            concurrency=settings.webhook_concurrency, per_host=settings.webhook_per_host,
             on_result=lambda result: metrics.webhook_deliveries.labels(result).inc(),
         ),
         Janitor(

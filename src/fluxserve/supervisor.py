@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from fluxserve.config import Settings
 from fluxserve.events import JobEvents
 from fluxserve.jobs.store import JobStore
+from fluxserve.logs import configure as configure_logging
 from fluxserve.metrics import Metrics
 from fluxserve.worker.messages import Command, JobFinished, JobStarted, Outcome, Report, StatusReport
 
@@ -105,7 +106,8 @@ class ThreadWorkerHost:
 
 def _child_main(settings_data: dict[str, Any], reports: Any, commands: Any, parent_pid: int) -> None:
     """Entry point of the worker process."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s worker[%(process)d] %(name)s: %(message)s")
+    settings = Settings(**settings_data)
+    configure_logging(logging.INFO, settings.log_format)
 
     def exit_with_parent() -> None:  # never outlive the server (e.g. after kill -9 of the server)
         while True:
@@ -116,7 +118,7 @@ def _child_main(settings_data: dict[str, Any], reports: Any, commands: Any, pare
     threading.Thread(target=exit_with_parent, daemon=True).start()
     from fluxserve.runtime import build_worker
 
-    worker = build_worker(Settings(**settings_data), sink=_QueueSink(reports), commands=commands)
+    worker = build_worker(settings, sink=_QueueSink(reports), commands=commands)
     worker.run()
 
 

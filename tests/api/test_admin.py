@@ -66,11 +66,13 @@ def test_clear_queue_cancels_queued_jobs_and_notifies_webhooks(admin_server):
         queued = [client.post(KLEIN, json={**slow, "webhook": "http://127.0.0.1:9/hook", "track_id": f"q{i}"}).json()
                   for i in range(3)]
         result = client.post("/api/v1/enterprise/flux_klein/clear_queue", json={"key": admin_server.admin_key}).json()
-        assert result["status"] == "success"
+        assert result["status"] == "success" and result["message"] == "Queue cleared, server is restarting"
         assert {job["id"] for job in queued} <= set(result["cancelled"])
         for job in queued:
             answer = client.post(f"/api/v1/enterprise/flux_klein/fetch/{job['id']}", json={"key": admin_server.key})
-            assert answer.status_code == 410 and answer.json()["message"].startswith("Request was cancelled")
+            assert answer.status_code == 200 and answer.json()["status"] == "failed"  # served: the job was cancelled
+            assert answer.json()["message"].startswith("Request was cancelled") and answer.json()["id"] == job["id"]
+            assert answer.json()["track_id"] == job["meta"]["track_id"]  # the failure webhook's own body
             assert admin_server.jobs.webhook_status(job["id"]) in ("pending", "failed")  # a failure webhook was queued
         assert wait_for_job(client, admin_server.key, running["id"], timeout=120, fetch=KLEIN_FETCH).json()["status"] == "success"
 

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.support.servers import live_server
+from tests.support.waiting import wait_for_job
+
 SEED_BODIES = Path(__file__).parent / "seed_bodies"
 
 # endpoint -> (seed example file, fetch path prefix)
@@ -125,14 +128,31 @@ def test_each_sample_reproduces_alone_with_its_own_seed(server, client, image_ho
     assert third.tobytes() == single.tobytes()
 
 
-def test_base64_returns_the_png_bytes_instead_of_urls(server, client, image_host):
+def test_base64_answers_the_urls_of_base64_files_as_modelslab_does(server, client, image_host):
+    """Client code GETs output[i], strips an optional data: prefix and decodes: it gets the PNG."""
     path = "/api/v1/enterprise/flux_klein/text2img"
-    result = client.post(path, json=small_body(path, server.key, image_host, seed=9, samples=2, base64="true")).json()
+    queued = client.post(path, json=small_body(path, server.key, image_host, seed=9, samples=2, base64="true",
+                                               instant_response=True)).json()
+    assert all(link.endswith(".base64") for link in queued["future_links"])
+    assert all(link.endswith(".png") for link in queued["proxy_links"])
+    result = wait_for_job(client, server.key, queued["id"]).json()
     assert result["status"] == "success" and result["meta"]["base64"] == "yes"
-    for encoded, link in zip(result["output"], result["proxy_links"]):
-        decoded = base64.b64decode(encoded, validate=True)
+    assert result["output"] == queued["future_links"]  # the exact URLs promised
+    for url, link in zip(result["output"], result["proxy_links"]):
+        assert url.endswith(".base64") and link.endswith(".png")
+        served = client.get(url)
+        assert served.status_code == 200 and served.headers["content-type"].startswith("text/plain")
+        text = served.text.split(",", 1)[-1]  # what clients do: drop an optional data: prefix
+        decoded = base64.b64decode(text, validate=True)
         assert decoded == client.get(link).content
         assert png(decoded).size == (256, 256)
+
+
+def test_base64_inline_when_the_server_is_set_to(tmp_path, tiny_root, image_host):
+    with live_server(tmp_path, tiny_root, base64_inline=True) as live, live.client() as client:
+        path = "/api/v1/enterprise/flux_klein/text2img"
+        result = client.post(path, json=small_body(path, live.key, image_host, seed=9, base64=True)).json()
+        assert base64.b64decode(result["output"][0], validate=True) == client.get(result["proxy_links"][0]).content
 
 
 def test_instant_response_then_fetch_on_every_fetch_route(server, client, image_host):

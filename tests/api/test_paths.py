@@ -59,4 +59,4 @@ def test_deploy_types_come_from_the_table():
     assert deploy_type("flux_klein", "text2img") == "flux"
     assert deploy_type("v6", "text2img") == "text_to_image" and deploy_type("v6", "img2img") == "image_editing"
     assert deploy_type("realtime") == "realtime" and deploy_type("unknown") is None
-    assert BY_SERVER["v7"].failed_answers_200 and not BY_SERVER["v6"].failed_answers_200
+    assert BY_SERVER["realtime"].min_side == 64 and BY_SERVER["v6"].min_side == 256

@@ -37,6 +37,8 @@ def test_queue_limit_per_key_cancel_and_fifo(queue_server):
         before = queue_server.job_count()
         refused = client.post(KLEIN, json=slow_body(key))
         assert refused.status_code == 429
+        assert refused.headers["Retry-After"] == str(refused.json()["retry_after"])
+        assert int(refused.headers["X-RateLimit-Reset"]) >= time.time() + refused.json()["retry_after"] - 1
         body = refused.json()
         assert body["status"] == "error"
         assert body["message"] == "Rate limit exceeded. Maximum 3 queued requests allowed."
@@ -52,7 +54,8 @@ def test_queue_limit_per_key_cancel_and_fifo(queue_server):
         assert client.post(f"/api/fluxserve/jobs/{running['id']}/cancel", json={"key": key}).status_code == 409
         assert client.post(KLEIN, json=slow_body(key, width=256, height=256, num_inference_steps=1)).json()["status"] == "processing"
         fetched = client.post(f"/api/v6/images/fetch/{first['id']}", json={"key": key})
-        assert fetched.status_code == 410 and fetched.json()["status"] == "error"
+        assert fetched.status_code == 200 and fetched.json() == {
+            "status": "failed", "id": first["id"], "message": "Request was cancelled", "track_id": None}
         assert wait_for_job(client, key, second["id"], timeout=120).json()["status"] == "success"
         assert wait_for_job(client, key, running["id"], timeout=120).json()["status"] == "success"
 

@@ -105,13 +105,15 @@ def test_refusal(server, client, image_host, case, path, changes, status, messag
     assert server.job_count() == before  # refused before any work was queued
 
 
-@pytest.mark.parametrize("key", [None, "", "fs_wrong", 12345])
-def test_missing_or_wrong_key_is_401(server, client, key):
+@pytest.mark.parametrize("key,message", [(None, "API key required"), ("", "API key required"),
+                                         ("  ", "API key required"), ("fs_wrong", "Invalid API key"),
+                                         (12345, "Invalid API key")])
+def test_missing_or_wrong_key_is_401(server, client, key, message):
     body = {"prompt": "a cat"} if key is None else {"key": key, "prompt": "a cat"}
     before = server.job_count()
     response = client.post(KLEIN, json=body)
     assert response.status_code == 401
-    assert response.json() == {"status": "error", "message": "Invalid API key"}
+    assert response.json() == {"status": "error", "message": message}
     assert server.job_count() == before
 
 

@@ -90,12 +90,14 @@ def test_a_failed_upload_fails_the_job_with_a_clear_message_and_its_webhook(s3_s
                                                                         deploy_type="text_to_image")).status_code == 200
         s3_client(s3_endpoint).delete_bucket(Bucket=bucket)  # the bucket disappears after setup
         failed = client.post(KLEIN, json=small(s3_server.key, webhook="http://127.0.0.1:9/hook", track_id="t"))
-        assert failed.status_code == 500
+        assert failed.status_code == 200  # served: the job failed
         body = failed.json()
-        assert body["status"] == "error"
+        assert body["status"] == "failed" and body["track_id"] == "t"
         assert body["message"].startswith(f"Upload to s3://{bucket}/generations/") and "does not exist" in body["message"]
         assert DUMMY_SECRET_KEY not in failed.text and DUMMY_ACCESS_KEY not in failed.text
         assert s3_server.jobs.webhook_status(body["id"]) in ("pending", "failed")  # the failure webhook was queued
+        job = s3_server.jobs.get(body["id"])  # a job that fails leaves no files behind
+        assert not any((s3_server.settings.outputs_dir / name).exists() for name in job.output_names())
         client.post("/api/v1/enterprise/reset_s3", json={"key": s3_server.key})
 
 

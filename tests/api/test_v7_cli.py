@@ -14,11 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fastapi.responses import JSONResponse
 from PIL import Image
 
-from fluxserve.api.modelslab import _for_clients
-from fluxserve.api.paths import BY_SERVER
 from tests.support.servers import live_server
 
 MODELSLAB = Path(sys.executable).parent / "modelslab"
@@ -219,12 +216,3 @@ def test_wrong_key_is_401(server, image_host, path):
         response = http.post(path, json={"prompt": "a cat", "init_image": f"{image_host}/a.png"})
     assert response.status_code == 401
     assert response.json() == {"status": "error", "message": "Invalid API key"}
-
-
-def test_failed_and_cancelled_jobs_answer_200_for_the_cli():
-    """The CLI retries a 5xx (re-submitting) and polls through any non-2xx until its timeout."""
-    for code in (500, 410):
-        answer = _for_clients(BY_SERVER["v7"], JSONResponse({"status": "error", "id": 1, "message": "boom", "output": []},
-                                                            status_code=code))
-        assert answer.status_code == 200
-    assert _for_clients(BY_SERVER["v7"], JSONResponse({"status": "success"})).status_code == 200

@@ -23,7 +23,7 @@ from tests.support.postgres import create_database
 _db_names = itertools.count(1)
 
 NEW_JOB_COLUMNS = {"webhook", "track_id", "claim_token", "heartbeat_at", "progress_step", "progress_total",
-                   "expires_at", "expired_at", "output_urls", "batch_key"}
+                   "expires_at", "expired_at", "output_urls", "batch_key", "not_before", "waits"}
 CREATED = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
 
 
@@ -74,7 +74,7 @@ def test_old_tables_lack_exactly_the_new_columns():
     old = {table.name: {column.name for column in table.columns} for table in OldBase.metadata.sorted_tables}
     assert current["jobs"] - old["jobs"] == NEW_JOB_COLUMNS and old["jobs"] <= current["jobs"]
     assert current["api_keys"] - old["api_keys"] == {"webhook_secret"} and old["api_keys"] <= current["api_keys"]
-    assert set(current) - set(old) == {"webhook_deliveries", "storage_configs"}
+    assert set(current) - set(old) == {"webhook_deliveries", "storage_configs", "idempotency_keys"}
 
 
 # -- fixtures -------------------------------------------------------------------------------------

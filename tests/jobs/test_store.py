@@ -722,3 +722,32 @@ def test_active_inputs_of_queued_and_running_jobs_only(store, key_id):
     assert store.cancel(cancelled)
 
     assert store.active_inputs() == {"run-a.png", "run-b.png", "run-2.png", "queued.png", "queued-2.png"}
+
+
+# -- scheduling: fair share between keys, affinity to loaded models -------------------------------
+def test_a_key_with_many_queued_jobs_does_not_block_another_keys_job(store, key_id, sessions):
+    other = KeyStore(sessions).create("other")[0].id
+    flood = [add_job(store, key_id).id for _ in range(20)]
+    single = add_job(store, other).id
+    first = store.claim_next()
+    assert first.id == flood[0]
+    assert store.claim_next().id == single  # not after the other 19: the other key was never served
+    assert [store.claim_next().id for _ in range(3)] == flood[1:4]
+
+
+def test_a_worker_prefers_jobs_for_the_models_it_holds_but_not_forever(store, key_id, sessions):
+    old_other = add_job(store, key_id, model="flux").id
+    mine = [add_job(store, key_id, model="flux-klein").id for _ in range(2)]
+    assert store.claim_next(loaded=["flux-klein"], affinity_seconds=600).id == mine[0]  # no model swap
+    with sessions.begin() as session:  # the flux job has now waited past the bound
+        session.execute(update(Job).where(Job.id == old_other).values(created_at=utcnow() - timedelta(seconds=601)))
+    assert store.claim_next(loaded=["flux-klein"], affinity_seconds=600).id == old_other  # no starvation
+    assert store.claim_next(loaded=["flux-klein"], affinity_seconds=600).id == mine[1]
+
+
+def test_a_worker_group_claims_only_its_models(store, key_id):
+    flux = add_job(store, key_id, model="flux").id
+    klein = add_job(store, key_id, model="flux-klein").id
+    assert store.claim_next(models=["flux-klein", "realtime"]).id == klein
+    assert store.claim_next(models=["flux-klein", "realtime"]) is None
+    assert store.claim_next().id == flux

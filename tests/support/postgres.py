@@ -54,10 +54,35 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+class PostgresCluster:
+    """A running throwaway cluster: ``url`` (of database ``fluxserve_test``), and ``stop()`` /
+    ``start()`` to take the server away and bring it back (fault tests)."""
+
+    def __init__(self, run, pg_ctl: Path, data: Path, log: Path, url: str):
+        self._run, self._pg_ctl, self._data, self._log, self.url = run, pg_ctl, data, log, url
+
+    def stop(self, mode: str = "immediate") -> None:
+        """Stop the server (``immediate``: as if it crashed; committed work survives only on a
+        ``durable`` cluster, the default one runs with fsync off)."""
+        self._run(str(self._pg_ctl), "-D", str(self._data), "-m", mode, "-w", "stop")
+
+    def start(self) -> None:
+        self._run(str(self._pg_ctl), "-D", str(self._data), "-l", str(self._log), "-w", "-t", "60", "start")
+
+
 @contextmanager
 def running_postgres(tmp_dir: Path | str) -> Iterator[str]:
     """Start a fresh cluster, create database `fluxserve_test`, yield its SQLAlchemy URL
-    (postgresql://postgres@127.0.0.1:PORT/fluxserve_test), and stop the cluster afterwards.
+    (postgresql://postgres@127.0.0.1:PORT/fluxserve_test), and stop the cluster afterwards."""
+    with postgres_cluster(tmp_dir) as cluster:
+        yield cluster.url
+
+
+@contextmanager
+def postgres_cluster(tmp_dir: Path | str, *, durable: bool = False) -> Iterator[PostgresCluster]:
+    """Start a fresh cluster, create database `fluxserve_test`, yield it (``PostgresCluster``),
+    and stop and remove it afterwards. Fast and throwaway (fsync off) unless ``durable``: a
+    fault test that crashes the server and expects committed rows back needs it durable.
 
     Raises PostgresUnavailable when the server binaries or the `postgres` user are missing.
     As root, the cluster lives in a new directory under the system temp dir (pytest's
@@ -99,16 +124,18 @@ def running_postgres(tmp_dir: Path | str) -> Iterator[str]:
         with open(data / "postgresql.conf", "a") as conf:
             conf.write(
                 f"\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{sock_dir}'\n"
-                "max_connections = 200\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
+                "max_connections = 200\n"
             )
+            if not durable:
+                conf.write("fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n")
         (data / "pg_hba.conf").write_text("local all all trust\nhost  all all 127.0.0.1/32 trust\n")
-        run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "start")
-        server = f"postgresql://postgres@127.0.0.1:{port}"
+        cluster = PostgresCluster(run, bindir / "pg_ctl", data, log, f"postgresql://postgres@127.0.0.1:{port}/{DATABASE}")
+        cluster.start()
         import psycopg  # here, not at import: the GPU run's tests have no psycopg
 
-        with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {DATABASE}")
-        yield f"{server}/{DATABASE}"
+        yield cluster
     finally:
         if (data / "postmaster.pid").exists():
             subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import update
 
+from fluxserve.dependencies import Dependency
 from fluxserve.jobs.tables import Job, utcnow
 from fluxserve.params import JobParams
 from fluxserve.worker import WorkerConfig
@@ -452,3 +453,56 @@ def test_an_unknown_command_is_ignored_and_the_worker_goes_on(make_worker, make_
         job = make_job("after the bad command")
         wait_until(lambda: errors or job_row(store, job.id).status == "succeeded", 10, "the job or a crash")
     assert errors == [] and job_row(store, job.id).status == "succeeded"
+
+
+# -- dependencies away: jobs wait, nothing fails --------------------------------------------------
+def test_a_full_disk_puts_the_job_back_and_pauses_claiming_until_a_probe_passes(make_worker, make_job, store,
+                                                                                outputs, sink, monkeypatch):
+    import errno
+
+    full = {"on": True}
+    real_save, real_check = outputs.save, outputs.check
+
+    def save(name, data, content_type="image/png"):
+        if full["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(name, data, content_type)
+
+    def check():
+        if full["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_check()
+
+    monkeypatch.setattr(outputs, "save", save)
+    monkeypatch.setattr(outputs, "check", check)
+    first, second = make_job("one"), make_job("two")
+    worker = make_worker()
+    with running(worker) as errors:
+        wait_until(lambda: worker.health.is_down(Dependency.DISK), 10, "the disk to be found full")
+        row = wait_until(lambda: (r := job_row(store, first.id)).status == "queued" and r, 10, "the job to be put back")
+        assert row.attempts == 0 and row.waits == 1 and row.not_before is not None and row.error is None
+        time.sleep(0.5)
+        assert job_row(store, second.id).status == "queued"  # claiming paused: the queue does not drain
+        assert Outcome.RELEASED in [f.outcome for f in sink.finished()]
+        assert any(r.dependencies.get("disk") for r in sink.statuses())  # system_details / health see it
+        full["on"] = False
+        wait_until(lambda: job_row(store, second.id).status == "succeeded" and job_row(store, first.id).status
+                   == "succeeded", 20, "both jobs once the disk has room")
+    assert errors == [] and not worker.health.degraded
+    assert Outcome.FAILED not in [f.outcome for f in sink.finished()]
+
+
+def test_a_permanent_failure_leaves_no_files(make_worker, make_job, store, outputs, engine):
+    job = make_job("fine")
+    worker = make_worker()
+    worker.results.jobs = store
+    real_succeed = store.succeed
+    store.succeed = lambda *a, **k: (_ for _ in ()).throw(ValueError("not a dependency"))  # type: ignore[method-assign]
+    try:
+        worker.process(store.claim_next())
+        finish(worker)
+    finally:
+        store.succeed = real_succeed  # type: ignore[method-assign]
+    row = job_row(store, job.id)
+    assert row.status == "failed" and "not a dependency" in row.error
+    assert not any(outputs.path_for(name).exists() for name in row.output_names())

@@ -17,7 +17,7 @@ def test_commands_and_outcomes_are_their_wire_strings():
     assert {command.value for command in Command} == {"stop", "clear_cache", "status", "wake"}
     assert Command("clear_cache") is Command.CLEAR_CACHE
     assert Command.STOP == "stop"  # a str enum: plain strings and members compare equal
-    assert {outcome.value for outcome in Outcome} == {"succeeded", "failed", "lost"}
+    assert {outcome.value for outcome in Outcome} == {"succeeded", "failed", "lost", "released"}
     with pytest.raises(ValueError):
         Command("reboot")
 
@@ -43,11 +43,12 @@ def test_job_finished_defaults():
 
 
 def test_status_report_as_dict_has_every_field():
-    report = StatusReport(models_loaded=["a"], device="cpu", gpu_memory=None, residency=1, optimizations=2)
+    report = StatusReport(models_loaded=["a"], device="cpu", gpu_memory=None, residency=1, optimizations=2,
+                          dependencies={"disk": {"reason": "full"}})
     assert report.as_dict() == {"models_loaded": ["a"], "device": "cpu", "gpu_memory": None, "residency": 1,
-                                "optimizations": 2}
+                                "optimizations": 2, "dependencies": {"disk": {"reason": "full"}}}
     assert StatusReport().as_dict() == {"models_loaded": [], "device": None, "gpu_memory": None,
-                                        "residency": None, "optimizations": None}
+                                        "residency": None, "optimizations": None, "dependencies": {}}
     assert StatusReport(**report.as_dict()) == report  # what Worker.report_status builds from engine.status()
 
 

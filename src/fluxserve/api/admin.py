@@ -13,14 +13,17 @@ from fluxserve.api.deps import AdminKey, ServicesDep
 from fluxserve.api.errors import ApiError
 from fluxserve.api.paths import ADMIN_SERVERS
 from fluxserve.config import settings_problems
+from fluxserve.dependencies import Dependency
 from fluxserve.worker.messages import Command
 
 admin = APIRouter(prefix="/api/v1/enterprise", tags=["enterprise admin"])
 ops = APIRouter(tags=["operations"])
 
 # Each ModelsLab enterprise "server" is one GPU box; here they share the workers and one queue.
+# (the webhook settings are not: the dispatcher is built once per process, so they are reported
+# under needs_process_restart)
 RELOADABLE = {"model_overrides", "nsfw_threshold", "sync_wait_seconds", "max_queued_per_key", "retention_seconds",
-              "lease_seconds", "heartbeat_seconds", "max_job_attempts", "device", "webhook_timeout_seconds",
+              "lease_seconds", "heartbeat_seconds", "max_job_attempts", "device",
               "max_init_image_bytes", "init_image_timeout_seconds"}
 
 
@@ -45,8 +48,10 @@ async def system_details(server: str, _key: AdminKey, services: ServicesDep) -> 
         run_in_threadpool(jobs.oldest_queued_age),
     )
     models = status.get("models_loaded", [])
+    away = _away(services)
     return {
-        "status": "ok",
+        "status": "degraded" if away else "ok",
+        "dependencies": away,
         "model_count": len(models),
         "models_loaded": models,
         "models_available": services.generation.registry.names(),
@@ -74,15 +79,17 @@ async def clear_queue(server: str, _key: AdminKey, services: ServicesDep) -> dic
     cancelled = await run_in_threadpool(services.generation.jobs.cancel_queued)
     for job_id in cancelled:
         services.generation.events.job_changed(job_id)
-    return {"status": "success", "message": f"Queue cleared: {len(cancelled)} queued requests cancelled",
-            "cancelled": cancelled}
+    # ModelsLab's message; here the server does not restart: the queued requests are cancelled
+    return {"status": "success", "message": "Queue cleared, server is restarting", "cancelled": cancelled,
+            "detail": f"{len(cancelled)} queued requests cancelled; running jobs finish; the worker keeps running"}
 
 
 @admin.post("/{server}/restart_server")
 async def restart_server(server: str, _key: AdminKey, services: ServicesDep) -> dict:
     _check_server(server)
     _host(services).restart()
-    return {"status": "success", "message": "Worker restarting: models reload on next use; queued requests are kept"}
+    return {"status": "success", "message": "server restarting",
+            "detail": "the worker restarts: models reload on next use; queued requests are kept"}
 
 
 @admin.post("/{server}/update_server")
@@ -110,17 +117,33 @@ async def update_server(server: str, _key: AdminKey, services: ServicesDep) -> d
         live = old.model_copy(update={name: getattr(new, name) for name in applied})
         generation.settings, generation.registry = live, registry
         _host(services).restart(live)
-    return {"status": "success", "message": "Configuration reloaded", "applied": applied,
+    return {"status": "success", "message": "Server updated successfully", "applied": applied,
             "needs_process_restart": needs_restart}
 
 
 @ops.get("/health")
 async def health(services: ServicesDep) -> JSONResponse:
+    """ok, or degraded (503) with why: the worker is down, or a dependency (database, disk, object
+    store) is away for the worker or for this process."""
     worker = services.host.describe() if services.host else {"alive": False}
-    depth = await run_in_threadpool(services.generation.jobs.queue_depth)
-    healthy = bool(worker.get("alive"))
-    return JSONResponse({"status": "ok" if healthy else "degraded", "worker": worker, "queue_depth": depth},
-                        status_code=200 if healthy else 503)
+    generation = services.generation
+    try:
+        depth: int | None = await run_in_threadpool(generation.jobs.queue_depth)
+        generation.health.up(Dependency.DATABASE)
+    except Exception as exc:  # noqa: BLE001 - reported below, once in the log
+        depth = None
+        generation.health.down(Dependency.DATABASE, f"{type(exc).__name__}: {exc}"[:300])
+    away = _away(services)
+    healthy = bool(worker.get("alive")) and not away
+    body = {"status": "ok" if healthy else "degraded", "worker": worker, "queue_depth": depth}
+    if away:
+        body["dependencies"] = away
+    return JSONResponse(body, status_code=200 if healthy else 503)
+
+
+def _away(services) -> dict:
+    """What the worker and this process found away: {dependency: {since, for_seconds, reason}}."""
+    return {**(services.worker_status().get("dependencies") or {}), **services.generation.health.snapshot()}
 
 
 @ops.get("/metrics")

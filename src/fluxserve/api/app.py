@@ -24,9 +24,12 @@ from fluxserve.api.openai import router as openai_router
 from fluxserve.api.outputs import outputs_router
 from fluxserve.api.progress import jobs_router
 from fluxserve.api.storage_routes import storage_router
+from fluxserve.api.webhook_admin import webhooks_router
 from fluxserve.config import Settings
+from fluxserve.dependencies import Health
 from fluxserve.events import JobEvents
 from fluxserve.jobs.database import open_database
+from fluxserve.jobs.deliveries import WebhookDeliveries
 from fluxserve.jobs.store import JobStore
 from fluxserve.keys import KeyStore
 from fluxserve.metrics import Metrics
@@ -52,7 +55,11 @@ def create_app(
     events = events or JobEvents()
     metrics = metrics or Metrics()
     jobs = JobStore(sessions, webhook_retry_seconds=settings.webhook_retry_seconds)
-    metrics.bind(queue_depth=jobs.queue_depth, running=jobs.running_count)
+    deliveries = WebhookDeliveries(sessions, retry_seconds=settings.webhook_retry_seconds)
+    metrics.bind(queue_depth=jobs.queue_depth, running=jobs.running_count, dead_letters=deliveries.dead_count)
+
+    def worker_status() -> dict:
+        return getattr(getattr(host, "link", None), "last_status", {}) or {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -68,13 +75,15 @@ def create_app(
                     storage_configs=storage_configs,
                     storage=LocalStorage(settings.outputs_dir, settings.base_url),
                     inputs=LocalStorage(settings.inputs_dir, settings.base_url),
-                    events=events, http=http,
+                    events=events, http=http, health=app.state.health,
+                    dependency_status=lambda: dict(worker_status().get("dependencies") or {}),
                 ),
                 keys=KeyStore(sessions),
                 host=host,
-                worker_status=lambda: getattr(getattr(host, "link", None), "last_status", {}) or {},
+                worker_status=worker_status,
                 reload_settings=reload_settings,
                 storage_configs=storage_configs,
+                deliveries=deliveries,
             )
             if on_startup:
                 on_startup()
@@ -91,6 +100,7 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.state.health = Health()  # dependencies this process found away (the worker reports its own)
     rate_limits = RateLimits(settings.rate_limit_per_key, settings.rate_limit_per_address)
     app.state.rate_limits = rate_limits
     # added last = runs first: address limit, then body limits, then JSON content type
@@ -100,7 +110,8 @@ def create_app(
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Content-Type", "Key", "Authorization"])
-    for router in (modelslab_router, openai_router, admin, storage_router, jobs_router, outputs_router, ops):
+    for router in (modelslab_router, openai_router, admin, storage_router, jobs_router, webhooks_router, outputs_router,
+                   ops):
         app.include_router(router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -11,6 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from fluxserve.api.errors import ApiError
 from fluxserve.api.generation import GenerationService
+from fluxserve.jobs.deliveries import WebhookDeliveries
 from fluxserve.jobs.tables import ApiKey
 from fluxserve.keys import KeyStore
 
@@ -33,6 +34,7 @@ class Services:
     worker_status: Callable[[], dict[str, Any]] = field(default=lambda: {})
     reload_settings: Callable[[], Any] | None = None
     storage_configs: Any = None  # fluxserve.storage.configs.StorageConfigs
+    deliveries: WebhookDeliveries | None = None  # webhook dead letters (api.webhook_admin)
 
 
 def get_services(request: Request) -> Services:
@@ -54,11 +56,13 @@ async def _presented_key(request: Request) -> str | None:
     except ValueError:
         return None
     key = body.get("key") if isinstance(body, dict) else None
-    return key if isinstance(key, str) else None
+    return None if key is None else key if isinstance(key, str) else str(key)  # a number is a (wrong) key
 
 
 async def require_key(request: Request, services: Annotated[Services, Depends(get_services)]) -> ApiKey:
     presented = await _presented_key(request)
+    if not presented or not presented.strip():
+        raise ApiError(401, "API key required")
     key = await run_in_threadpool(services.keys.authenticate, presented)
     if key is None:
         raise ApiError(401, "Invalid API key")

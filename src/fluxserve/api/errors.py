@@ -6,15 +6,19 @@ handlers here and the middleware refusals (``api.limits``) both go through it.""
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fluxserve.contract import error_body, openai_error_body
+from fluxserve.dependencies import transient_dependency
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +26,9 @@ OPENAI_PREFIX = "/v1/"
 
 
 class ApiError(Exception):
-    """A refusal. ``extra`` goes into ModelsLab's body (e.g. ``retry_after``, which also becomes a
-    ``Retry-After`` header); ``param`` and ``code`` into OpenAI's; ``headers`` are sent with either."""
+    """A refusal. ``extra`` goes into ModelsLab's body (e.g. ``retry_after``, which also becomes the
+    ``Retry-After`` and ``X-RateLimit-Reset`` headers); ``param`` and ``code`` into OpenAI's;
+    ``headers`` are sent with either."""
 
     def __init__(self, status_code: int, message: str, *, param: str | None = None, code: str | None = None,
                  headers: Mapping[str, str] | None = None, **extra: Any):
@@ -43,11 +48,10 @@ def speaks_openai(path: str) -> bool:
 def render_error(path: str, status_code: int, message: str, *, param: str | None = None, code: str | None = None,
                  headers: Mapping[str, str] | None = None, **extra: Any) -> tuple[dict[str, Any], dict[str, str]]:
     """The body and headers of a refusal on ``path``."""
-    sent = dict(headers or {})
-    if extra.get("retry_after") is not None:
-        sent["Retry-After"] = str(extra["retry_after"])
+    sent = {**retry_headers(extra.get("retry_after")), **(headers or {})}
     if speaks_openai(path):
-        return openai_error_body(status_code, message, param=param, code=code), sent
+        reason = extra.get("reason")  # e.g. a 503's "database unavailable": OpenAI's shape has only the message
+        return openai_error_body(status_code, f"{message} ({reason})" if reason else message, param=param, code=code), sent
     return error_body(message, **extra), sent
 
 
@@ -59,6 +63,15 @@ def error_response(path: str, status_code: int, message: str, **details: Any) ->
 def _api_error_response(path: str, exc: ApiError) -> JSONResponse:
     return error_response(path, exc.status_code, exc.message, param=exc.param, code=exc.code, headers=exc.headers,
                           **exc.extra)
+
+
+def retry_headers(retry_after: object) -> dict[str, str]:
+    """With a ``retry_after`` (seconds), the headers clients read on a 429 or 503: ``Retry-After``
+    (seconds) and ``X-RateLimit-Reset`` (the unix time the limit resets; the ModelsLab CLI reads it)."""
+    if not isinstance(retry_after, (int, float)) or isinstance(retry_after, bool):
+        return {}
+    seconds = max(0, math.ceil(retry_after))
+    return {"Retry-After": str(seconds), "X-RateLimit-Reset": str(math.ceil(time.time()) + seconds)}
 
 
 def validation_message(exc: RequestValidationError) -> str:
@@ -99,6 +112,22 @@ def install_error_handlers(app: FastAPI) -> None:
         messages = {404: "Not found", 405: "Method not allowed"}
         return error_response(request.url.path, exc.status_code, messages.get(exc.status_code, str(exc.detail)),
                               headers=exc.headers)
+
+    async def _dependency_error(request: Request, exc: Exception) -> JSONResponse:
+        """The database (or the disk) away: an honest 503 with a retry hint, one log line per
+        outage. Registered for these exception types (not as the catch-all below, which Starlette
+        re-raises after answering: uvicorn would then drop the client's kept-alive connection)."""
+        dependency = transient_dependency(exc)
+        if dependency is None:
+            return await _unexpected(request, exc)
+        health = getattr(request.app.state, "health", None)
+        if health is not None:
+            health.down(dependency, f"{type(exc).__name__}: {exc}"[:300])
+        return error_response(request.url.path, 503, "Service temporarily unavailable", retry_after=5,
+                              reason=f"{dependency.value} unavailable")
+
+    app.add_exception_handler(SQLAlchemyError, _dependency_error)
+    app.add_exception_handler(OSError, _dependency_error)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -4,11 +4,14 @@ then answer with its result, or "processing" once the wait bound passes."""
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -20,11 +23,13 @@ from fluxserve.api.errors import ApiError
 from fluxserve.api.paths import Action, PathFamily
 from fluxserve.api.schemas import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, GenerationBody
 from fluxserve.config import Settings
+from fluxserve.dependencies import Dependency, Health, transient_dependency
 from fluxserve.events import JobEvents
 from fluxserve.images import ImageInputError, decode_image, fetch_image_bytes
 from fluxserve.jobs.status import JobStatus
-from fluxserve.jobs.store import JobStore
+from fluxserve.jobs.store import IdempotencyConflict, JobStore
 from fluxserve.jobs.tables import ApiKey, Job
+from fluxserve.loras import LoraCatalog, UnknownLora
 from fluxserve.metrics import Metrics
 from fluxserve.models import ModelSpec, Registry, UnknownModel, UnsuitableRequest
 from fluxserve.params import SEED_MAX, GenerationRequest, ImageSource, JobParams, Upload
@@ -33,6 +38,8 @@ from fluxserve.storage.configs import StorageConfigs
 from fluxserve.storage.local import LocalStorage
 
 POLL_SECONDS = 1.0  # fallback polling when the worker runs elsewhere
+RETRY_AFTER_SECONDS = 10  # what a 503 asks clients to wait
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,8 @@ class GenerationService:
     http: httpx.AsyncClient
     metrics: Metrics
     storage_configs: StorageConfigs | None = None
+    health: Health = field(default_factory=Health)  # what this process found away
+    dependency_status: Callable[[], dict[str, Any]] = lambda: {}  # what the worker found away
 
     # -- submission ---------------------------------------------------------------------------
     def choose_model(self, action: Action, model_id: str | None) -> ModelSpec:
@@ -69,51 +78,127 @@ class GenerationService:
         except UnsuitableRequest as exc:
             raise ApiError(exc.status, str(exc)) from None
 
-    async def generate(self, key: ApiKey, family: PathFamily, action: Action, body: GenerationBody) -> JSONResponse:
+    async def generate(self, key: ApiKey, family: PathFamily, action: Action, body: GenerationBody,
+                       idempotency_key: str | None = None) -> JSONResponse:
         """A generation route's work: the model, the request, the job, the answer."""
+        problem = body.size_problem(family.min_side, family.side_multiple)
+        if problem:
+            raise ApiError(400, problem)
         spec = self.choose_model(action, body.model_id)
-        return await self.submit(key, body.to_request(family.server, spec.name), deploy_type=family.deploy_type_of(action))
+        return await self.submit(key, body.to_request(family.server, spec.name), deploy_type=family.deploy_type_of(action),
+                                 idempotency_key=idempotency_key)
 
-    async def submit(self, key: ApiKey, request: GenerationRequest, *, deploy_type: str | None = None) -> JSONResponse:
-        """Queue the request, then answer ModelsLab's way: its result if it is done within the
-        wait bound, else ``processing`` (at once with ``instant_response``)."""
-        job = await self.enqueue(key, request, deploy_type=deploy_type)
-        if not request.instant_response:
-            job = await self.wait_for(job.id, self.settings.sync_wait_seconds)
-        return await self._answer(job)
+    async def submit(self, key: ApiKey, request: GenerationRequest, *, deploy_type: str | None = None,
+                     idempotency_key: str | None = None) -> JSONResponse:
+        """Queue the request (``enqueue``), then answer ModelsLab's way: its result if it is done
+        within the wait bound, else ``processing`` (at once with ``instant_response``). A request
+        sent again with the same idempotency key gets the first one's job and answer."""
+        job, replayed = await self.enqueue(key, request, deploy_type=deploy_type, idempotency_key=idempotency_key)
+        # the job is committed: from here on the answer never fails (the client would send it again)
+        try:
+            if not request.instant_response:
+                job = await self.wait_for(job.id, self.settings.sync_wait_seconds)
+            answer = await self._answer(job)
+        except Exception as exc:  # noqa: BLE001 - e.g. the database went away while waiting
+            if transient_dependency(exc) is None:
+                log.exception("answering job %s failed; answering processing", job.id)
+            answer = JSONResponse(processing_body(job, self.storage, self.settings.base_url, self._rough_eta(job)))
+        if replayed:
+            answer.headers["Idempotent-Replayed"] = "true"
+        return answer
 
-    async def enqueue(self, key: ApiKey, request: GenerationRequest, *, deploy_type: str | None = None) -> Job:
+    async def enqueue(self, key: ApiKey, request: GenerationRequest, *, deploy_type: str | None = None,
+                      idempotency_key: str | None = None) -> tuple[Job, bool]:
         """The request as a durable queued job (every API's requests become jobs here): the model
-        checked, the key's queue limit applied, the input images stored, the seeds drawn."""
+        checked, the key's queue limit applied, the input images stored, the seeds drawn. With an
+        idempotency key (the client's ``Idempotency-Key`` header, or opt-in its ``track_id``), a
+        request sent again gets the first one's job instead of a new one, and ``True`` (Stripe's
+        rules: same key and same request: that job; same key, another request: 409)."""
         spec = self._model(request)
+        idempotency = self._idempotency(request, deploy_type, idempotency_key)
+        if idempotency is not None:
+            earlier = await run_in_threadpool(self.jobs.idempotent_job, key.id, *idempotency)
+            if earlier is not None:
+                return await self._earlier_job(earlier), True
+        self._refuse_while_away(Dependency.DISK)
         await self._check_queue_limit(key)
         inputs = [await self._store_image(source) for source in request.init_images]
         input_2 = (await self._store_image(request.init_image_2)).name if request.init_image_2 else None
         mask = (await self._store_image(request.mask_image, what="mask", mask=request.mask_convention)).name \
             if request.mask_image else None
         params = self._resolve(request, spec, inputs, input_2, mask)
+        params.base64_inline = request.base64 and self.settings.base64_inline
         if self.storage_configs is not None and not request.temp:  # temp: local, expiring, even with S3
             params.remote = await run_in_threadpool(self.storage_configs.for_job, key.id, deploy_type)
+            if params.remote:
+                self._refuse_while_away(Dependency.OBJECT_STORE)
         file_prefix = str(uuid.uuid4())
-        job = await run_in_threadpool(
-            self.jobs.create, key_id=key.id, server=request.server, model=spec.name, task=request.task,
-            params=params.to_dict(), meta=self._meta(request, spec, params, file_prefix), file_prefix=file_prefix,
-            webhook=request.webhook, track_id=request.track_id, batch_key=spec.family.batch_key(params),
-        )
+        try:
+            job = await run_in_threadpool(
+                self.jobs.create, key_id=key.id, server=request.server, model=spec.name, task=request.task,
+                params=params.to_dict(), meta=self._meta(request, spec, params, file_prefix), file_prefix=file_prefix,
+                webhook=request.webhook, track_id=request.track_id, batch_key=spec.family.batch_key(params),
+                idempotency=idempotency,
+            )
+        except IdempotencyConflict as twin:  # the same key sent concurrently: the other one won
+            return await self._earlier_job(twin), True
+        self.health.up(Dependency.DATABASE)  # it took the job: it is there
         self.metrics.jobs_submitted.labels(spec.name).inc()
         self.events.job_queued()
+        return job, False
+
+    async def _earlier_job(self, earlier: IdempotencyConflict) -> Job:
+        """The job an idempotency key already names, if this is the same request (else 409)."""
+        if not earlier.same_request:
+            raise ApiError(409, "Idempotency-Key was already used with a different request; use a new key",
+                           id=earlier.job_id)
+        job = await run_in_threadpool(self.jobs.get, earlier.job_id)
+        assert job is not None  # its idempotency key references it
         return job
 
+    def _idempotency(self, request: GenerationRequest, deploy_type: str | None,
+                     header: str | None) -> tuple[str, str] | None:
+        """(key, hash of the request as parsed) when the request is to be idempotent."""
+        value = (header or "").strip()
+        if not value and self.settings.idempotent_track_id and request.track_id:
+            value = f"track_id:{request.track_id}"
+        if not value:
+            return None
+        if len(value) > 255 or not value.isprintable() or not value.isascii():
+            raise ApiError(400, "Idempotency-Key must be 1-255 printable ASCII characters")
+        # uploaded images count by their content (hashed), not as their bytes spelled out
+        images = {"init_images": [_fingerprint(source) for source in request.init_images],
+                  "mask_image": _fingerprint(request.mask_image) if request.mask_image else None}
+        fields = {**asdict(replace(request, init_images=[], mask_image=None)), **images}
+        canonical = json.dumps({"request": fields, "deploy_type": deploy_type}, sort_keys=True, default=str)
+        return value, hashlib.sha256(canonical.encode()).hexdigest()
+
+    def _refuse_while_away(self, dependency: Dependency) -> None:
+        """503 with a retry hint while ``dependency`` is away (the worker or this process found
+        it so): a job accepted now could only wait."""
+        away = {**self.dependency_status(), **self.health.snapshot()}
+        if dependency.value in away:
+            raise ApiError(503, "Service temporarily unavailable", retry_after=RETRY_AFTER_SECONDS,
+                           reason=f"{dependency.value} unavailable: {away[dependency.value]['reason']}")
+
+    @staticmethod
+    def _rough_eta(job: Job) -> float:
+        """A guess that needs no database: half a second per step and image."""
+        return round(0.5 * job.params["steps"] * len(job.params["seeds"]), 2)
+
     def _model(self, request: GenerationRequest) -> ModelSpec:
-        """The request's model, if it can take the request's inputs (its family's limits)."""
+        """The request's model, if it can take the request's inputs (its family's limits) and
+        every LoRA adapter it names is offered here."""
         try:
             spec = self.registry.get(request.model)
             self.registry.check_inputs(spec, request.task, init_images=len(request.init_images),
-                                       second_image=bool(request.init_image_2), mask=bool(request.mask_image))
+                                       second_image=bool(request.init_image_2), mask=bool(request.mask_image),
+                                       loras=bool(request.loras))
+            LoraCatalog.from_settings(self.settings).check(request.loras)
         except UnknownModel:
             raise ApiError(404, f"Model not found: {request.model}") from None
-        except UnsuitableRequest as exc:
-            raise ApiError(exc.status, str(exc)) from None
+        except (UnsuitableRequest, UnknownLora) as exc:
+            raise ApiError(getattr(exc, "status", 400), str(exc)) from None
         return spec
 
     async def _check_queue_limit(self, key: ApiKey) -> None:
@@ -144,10 +229,18 @@ class GenerationService:
             raise ApiError(400, message) from None
         name = hashlib.sha256(png).hexdigest() + ".png"
         path = self.inputs.root / name
-        if path.exists():
-            os.utime(path)  # fresh again, so retention keeps it for this job
-        else:
-            await run_in_threadpool(self.inputs.save, name, png)
+        try:
+            if path.exists():
+                os.utime(path)  # fresh again, so retention keeps it for this job
+            else:
+                await run_in_threadpool(self.inputs.save, name, png)
+        except OSError as exc:
+            if transient_dependency(exc) is None:
+                raise
+            self.health.down(Dependency.DISK, f"{type(exc).__name__}: {exc}")
+            raise ApiError(503, "Service temporarily unavailable", retry_after=RETRY_AFTER_SECONDS,
+                           reason="disk unavailable: the input image could not be stored") from None
+        self.health.up(Dependency.DISK)
         return StoredImage(name, *decoded.size)
 
     async def _image_bytes(self, source: ImageSource) -> bytes:
@@ -179,6 +272,7 @@ class GenerationService:
             inputs=[image.name for image in inputs], input_2=input_2, safety_checker=request.safety_checker,
             base64=request.base64,
             enhance_prompt=bool(request.enhance_prompt), mask=mask,
+            loras=list(request.loras), lora_strengths=list(request.lora_strengths),
         )
 
     @staticmethod
@@ -186,7 +280,7 @@ class GenerationService:
         yes_no = {True: "yes", False: "no"}
         meta: dict[str, Any] = {
             "prompt": params.prompt,
-            "negative_prompt": params.negative_prompt,
+            "negative_prompt": params.negative_prompt or "",  # a string, as ModelsLab's typed clients expect
             "negative_prompt_applied": bool(
                 params.negative_prompt and spec.negative_prompt_supported and params.true_cfg_scale > 1
             ),
@@ -205,9 +299,19 @@ class GenerationService:
             "enhance_prompt": yes_no[params.enhance_prompt],
             "file_prefix": file_prefix,
             "track_id": request.track_id,
+            "webhook": request.webhook,
+            # fields ModelsLab's meta carries, as they are here: flagged images are blacked out, no
+            # watermark is added, outputs are files under outputs/, prompts are rewritten without a style
+            "safety_checker_type": "black",
+            "watermark": "no",
+            "outdir": "outputs",
+            "enhance_style": None,
         }
         if spec.negative_prompt_supported:
             meta["true_cfg_scale"] = params.true_cfg_scale
+        if params.loras:  # applied as listed, or the job fails saying why
+            meta["lora_model"] = list(params.loras)
+            meta["lora_strength"] = list(params.lora_strengths)
         if request.task != "text2img":
             meta["strength"] = params.strength
             sources = [str(source) for source in request.init_images]  # URLs, or "upload:<file name>"
@@ -261,10 +365,8 @@ class GenerationService:
                     return JSONResponse(expired_body(job, webhook_status))
                 body = success_body(job, self.storage, webhook_status, inline=False)  # S3 copies stay
             return JSONResponse(body)
-        if status is JobStatus.FAILED:
-            return JSONResponse(failure_body(job), status_code=500)
-        if status is JobStatus.CANCELLED:
-            return JSONResponse(failure_body(job), status_code=410)
+        if status in (JobStatus.FAILED, JobStatus.CANCELLED):  # served: the job failed (HTTP 200, as ModelsLab)
+            return JSONResponse(failure_body(job))
         eta = await run_in_threadpool(self.eta, job)
         return JSONResponse(processing_body(job, self.storage, self.settings.base_url, eta))
 
@@ -283,6 +385,11 @@ def _as_mask(image, convention: str):
     if "A" not in image.getbands():
         raise ImageInputError("The mask has no transparency: its fully transparent pixels (alpha 0) mark where to edit")
     return image.getchannel("A").point(lambda alpha: 255 if alpha == 0 else 0)
+
+
+def _fingerprint(source: ImageSource) -> str:
+    """An input image as an idempotency hash counts it: a URL as sent, an upload by its content."""
+    return f"upload:sha256:{hashlib.sha256(source.data).hexdigest()}" if isinstance(source, Upload) else source
 
 
 def fit_size(width: int, height: int) -> tuple[int, int]:

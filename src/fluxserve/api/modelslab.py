@@ -7,9 +7,9 @@ and a route's body type is a variable of the function that makes it.)
 """
 
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Header
 from fastapi.responses import JSONResponse
 
 from fluxserve.api.deps import AuthKey, ServicesDep
@@ -20,6 +20,9 @@ from fluxserve.contract import ERROR_STATUSES, ErrorAnswer, ProcessingAnswer, Su
 from fluxserve.models import TASK_WORDS
 
 router = APIRouter()
+IdempotencyHeader = Annotated[str | None, Header(
+    alias="Idempotency-Key", description="Makes the request safe to send again: the same key and request answer the "
+    "first one's job (kept 24 h); the same key with another request is refused (409).")]
 OptionalFetchBody = Body(None)
 
 
@@ -32,16 +35,8 @@ def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return answers
 
 
-GENERATION_RESPONSES = _responses(400, 401, 404, 408, 410, 413, 429, 500, 503)
-FETCH_RESPONSES = _responses(401, 404, 410, 500)
-
-
-def _for_clients(family: PathFamily, response: JSONResponse) -> JSONResponse:
-    """On families whose clients retry 5xx (the official CLI), a failed (500) or cancelled (410)
-    job is a result, not a transport error: answered with 200 so the client reads its status."""
-    if family.failed_answers_200 and response.status_code in (410, 500):
-        response.status_code = 200
-    return response
+GENERATION_RESPONSES = _responses(400, 401, 404, 408, 413, 429, 500, 503)
+FETCH_RESPONSES = _responses(401, 404, 500)
 
 
 def parse_job_id(raw: str | int | None) -> int:
@@ -62,18 +57,16 @@ def _description(family: PathFamily, action: Action) -> str:
 def _generation_route(family: PathFamily, action: Action):
     body_type = BODIES[action.task]
 
-    async def generate(body: body_type, key: AuthKey, services: ServicesDep) -> JSONResponse:  # type: ignore[valid-type]
-        return _for_clients(family, await services.generation.generate(key, family, action, body))
+    async def generate(body: body_type, key: AuthKey, services: ServicesDep,  # type: ignore[valid-type]
+                       idempotency_key: IdempotencyHeader = None) -> JSONResponse:
+        return await services.generation.generate(key, family, action, body, idempotency_key)
 
     return generate
 
 
-def _fetch_route(family: PathFamily | None):
-    async def fetch(job_id: str, key: AuthKey, services: ServicesDep) -> JSONResponse:
-        answer = await services.generation.fetch(key, parse_job_id(job_id))
-        return _for_clients(family, answer) if family else answer
-
-    return fetch
+async def fetch(job_id: str, key: AuthKey, services: ServicesDep) -> JSONResponse:
+    """Any of the key's requests: success, processing, or failed (all HTTP 200)."""
+    return await services.generation.fetch(key, parse_job_id(job_id))
 
 
 async def fetch_by_body(key: AuthKey, services: ServicesDep, body: FetchBody = OptionalFetchBody) -> JSONResponse:
@@ -92,12 +85,12 @@ for _family in PATH_FAMILIES:
             description=_description(_family, _action), responses=GENERATION_RESPONSES,
         )
     router.add_api_route(
-        _family.fetch_path.replace("{id}", "{job_id}"), _fetch_route(_family), methods=["POST"],
+        _family.fetch_path.replace("{id}", "{job_id}"), fetch, methods=["POST"],
         name=f"{_family.server}_fetch", tags=_tags, summary="Fetch a request's result (any of the key's requests)",
         responses=FETCH_RESPONSES,
     )
 for _path in FETCH_ALIASES:
-    router.add_api_route(_path.replace("{id}", "{job_id}"), _fetch_route(None), methods=["POST"], tags=["fetch"],
+    router.add_api_route(_path.replace("{id}", "{job_id}"), fetch, methods=["POST"], tags=["fetch"],
                          name=f"fetch_{_path}", summary="Fetch a request's result", responses=FETCH_RESPONSES)
 for _path in FETCH_BY_BODY:
     router.add_api_route(_path, fetch_by_body, methods=["POST"], tags=["fetch"], name=f"fetch_by_body_{_path}",

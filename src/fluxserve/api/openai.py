@@ -14,6 +14,7 @@ renders everything under ``/v1/`` that way.
 (No ``from __future__ import annotations``: FastAPI reads the route functions' annotations.)
 """
 
+import logging
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -30,6 +31,7 @@ from fluxserve.api.answers import fetch_url, output_links
 from fluxserve.api.deps import AuthKey, ServicesDep
 from fluxserve.api.errors import ApiError
 from fluxserve.api.generation import GenerationService
+from fluxserve.api.modelslab import IdempotencyHeader
 from fluxserve.api.paths import OPENAI_DEFAULT_MODEL, OPENAI_SERVER
 from fluxserve.api.schemas import Bool, Float, Int, Text, Text2ImgBody
 from fluxserve.contract import (
@@ -40,6 +42,7 @@ from fluxserve.contract import (
     OpenAIModel,
     OpenAIModelList,
 )
+from fluxserve.dependencies import transient_dependency
 from fluxserve.engine.families.base import Task
 from fluxserve.images import to_base64
 from fluxserve.jobs.status import JobStatus
@@ -55,6 +58,7 @@ NO_RETRY = {"x-should-retry": "false"}  # the OpenAI SDKs retry 5xx: a retry wou
 STARTED = int(time.time())  # "created" of the served models
 MAX_FILENAME_CHARS = 200  # of an upload's name, as meta records it
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["OpenAI Images API"],
                    dependencies=[Depends(HTTPBearer(auto_error=False, description="A fluxserve API key"))])
 
@@ -66,7 +70,7 @@ def _responses(*statuses: int, ok: type[BaseModel], description: str) -> dict[in
     return answers
 
 
-IMAGES_RESPONSES = _responses(400, 401, 404, 408, 410, 413, 429, 500, 504, ok=OpenAIImagesAnswer,
+IMAGES_RESPONSES = _responses(400, 401, 404, 408, 409, 410, 413, 429, 500, 503, 504, ok=OpenAIImagesAnswer,
                               description="The images: `url` or `b64_json` (PNG) per `response_format`")
 
 
@@ -158,28 +162,42 @@ def _request(fields: ImageFields, spec: ModelSpec, task: Task) -> tuple[Generati
                             guidance_scale=fields.guidance_scale, enhance_prompt=fields.enhance_prompt)
     except ValidationError as exc:
         raise _refusal(exc, fields.size) from None
+    problem = body.size_problem()  # ModelsLab's sizes outside the realtime paths: 256-1024, multiples of 8
+    if problem:
+        raise ApiError(400, f"Invalid size '{fields.size}': {problem}", param="size")
     request = replace(body.to_request(SERVER, spec.name), task=task.value, width=width, height=height)
     return request, response_format == "b64_json"
 
 
 # -- waiting and answering ----------------------------------------------------------------------
 async def _generate(generation: GenerationService, key: ApiKey, request: GenerationRequest, inline: bool,
-                    task: Task) -> JSONResponse:
-    job = await generation.enqueue(key, request, deploy_type=DEPLOY_TYPES[task])
+                    task: Task, idempotency_key: str | None) -> JSONResponse:
+    job, replayed = await generation.enqueue(key, request, deploy_type=DEPLOY_TYPES[task],
+                                             idempotency_key=idempotency_key)
+    headers = {"Idempotent-Replayed": "true"} if replayed else {}
     wait = generation.settings.openai_wait_seconds
-    job = await generation.wait_for(job.id, wait)
+    where = fetch_url(generation.settings.base_url, job)
+    # the job is committed: a failure from here on must not make the client send it again
+    try:
+        job = await generation.wait_for(job.id, wait)
+        images = await run_in_threadpool(_images, generation, job, inline) \
+            if job.status == JobStatus.SUCCEEDED.value else None
+    except Exception as exc:  # noqa: BLE001 - e.g. the database went away while waiting
+        if transient_dependency(exc) is None:
+            log.exception("answering job %s failed", job.id)
+        raise ApiError(503, f"Request {job.id} was queued, but its state can't be read now; fetch it later with POST "
+                            f"{where}", headers={**NO_RETRY, **headers}) from None
     status = JobStatus(job.status)
-    if status is JobStatus.SUCCEEDED:
-        images = await run_in_threadpool(_images, generation, job, inline)
-        return JSONResponse(OpenAIImagesAnswer(created=_unix(job.created_at), data=images).body())
+    if images is not None:
+        return JSONResponse(OpenAIImagesAnswer(created=_unix(job.created_at), data=images).body(), headers=headers)
     if status is JobStatus.FAILED:
-        raise ApiError(500, job.error or "Generation failed", code="generation_failed", headers=NO_RETRY)
+        raise ApiError(500, job.error or "Generation failed", code="generation_failed", headers={**NO_RETRY, **headers})
     if status is JobStatus.CANCELLED:
         raise ApiError(410, f"Request {job.id}: {job.error or 'Request was cancelled'}", code="request_cancelled",
-                       headers=NO_RETRY)
-    where = fetch_url(generation.settings.base_url, job)
+                       headers={**NO_RETRY, **headers})
     raise ApiError(504, f"The images were not ready within {wait:g} seconds: request {job.id} is still {job.status}; "
-                        f"fetch it with POST {where} (body {{\"key\": YOUR_KEY}})", code="timeout", headers=NO_RETRY)
+                        f"fetch it with POST {where} (body {{\"key\": YOUR_KEY}}), or send the request again with the "
+                        "same Idempotency-Key header to wait for it again", code="timeout", headers={**NO_RETRY, **headers})
 
 
 def _images(generation: GenerationService, job: Job, inline: bool) -> list[OpenAIImage]:
@@ -187,7 +205,7 @@ def _images(generation: GenerationService, job: Job, inline: bool) -> list[OpenA
     revised = meta.get("prompt") if meta.get("enhance_prompt_status") == "ok" else None
     if inline:
         return [OpenAIImage(b64_json=to_base64(generation.storage.read(name)), revised_prompt=revised)
-                for name in job.outputs]
+                for name in job.output_names()]
     return [OpenAIImage(url=url, revised_prompt=revised) for url in output_links(job, generation.storage)]
 
 
@@ -197,19 +215,21 @@ def _unix(moment: datetime) -> int:
 
 # -- the routes ------------------------------------------------------------------------------------
 @router.post("/images/generations", summary="Create images from a prompt (OpenAI)", responses=IMAGES_RESPONSES)
-async def generations(fields: ImageFields, key: AuthKey, services: ServicesDep) -> JSONResponse:
+async def generations(fields: ImageFields, key: AuthKey, services: ServicesDep,
+                      idempotency_key: IdempotencyHeader = None) -> JSONResponse:
     """OpenAI's `images.generate`: text to image with a served model. Waits for the images (up to
     `FLUXSERVE_OPENAI_WAIT_SECONDS`); the request is an ordinary job (its id is in a 504's message)."""
     generation = services.generation
     spec = _choose_model(generation.registry, fields.model, Task.TEXT2IMG)
     request, inline = _request(fields, spec, Task.TEXT2IMG)
-    return await _generate(generation, key, request, inline, Task.TEXT2IMG)
+    return await _generate(generation, key, request, inline, Task.TEXT2IMG, idempotency_key)
 
 
 @router.post("/images/edits", summary="Edit images, or inpaint with a mask (OpenAI)", responses=IMAGES_RESPONSES)
 async def edits(
     key: AuthKey,
     services: ServicesDep,
+    idempotency_key: IdempotencyHeader = None,
     prompt: Annotated[str | None, Form(description="Required. The edit to make.")] = None,
     image: Annotated[list[UploadFile] | None, File(description="The image to edit; several as repeated `image` "
                                                                "fields (or `image[]`, as the OpenAI SDKs send a "
@@ -253,7 +273,7 @@ async def edits(
     uploads: list[str | Upload] = [await _upload(file) for file in files]
     request = replace(request, init_images=uploads, mask_image=await _upload(mask) if mask else None,
                       mask_convention="alpha")
-    return await _generate(generation, key, request, inline, task)
+    return await _generate(generation, key, request, inline, task, idempotency_key)
 
 
 async def _upload(file: UploadFile) -> Upload:

@@ -16,4 +16,5 @@ async def output_file(name: str, services: ServicesDep) -> FileResponse:
     path = services.generation.storage.path_for(name)
     if path is None or not path.is_file():
         raise ApiError(404, "File not found")
-    return FileResponse(path, media_type="image/png")
+    # the images, and with base64 answers the text files of their base64 (ModelsLab's .base64 links)
+    return FileResponse(path, media_type="text/plain" if name.endswith(".base64") else "image/png")

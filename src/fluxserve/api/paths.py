@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fluxserve.api.schemas import MIN_SIDE, REALTIME_MIN_SIDE, SIDE_MULTIPLE
 from fluxserve.engine.families.base import Task
 from fluxserve.models import DEFAULT_REGISTRY
 
@@ -42,7 +43,8 @@ class PathFamily:
     deploy_type: str  # update_s3 deploy type of its images
     fetch: str = "fetch/{id}"  # under the prefix; every fetch route answers every job of the key
     admin: bool = False  # serves the enterprise admin actions (system_details, clear_cache, ...)
-    failed_answers_200: bool = False  # a failed/cancelled job answers HTTP 200 (clients that retry 5xx)
+    min_side: int = MIN_SIDE  # width/height from this to 1024 ...
+    side_multiple: int = SIDE_MULTIPLE  # ... in steps of this
     tags: tuple[str, ...] = field(default=())
 
     @property
@@ -70,8 +72,9 @@ PATH_FAMILIES: tuple[PathFamily, ...] = (
     # -- enterprise servers: one model each, admin actions -------------------------------------
     PathFamily("flux_klein", f"{ENTERPRISE}/flux_klein", _fixed("flux-klein", T2I, I2I, INPAINT),
                deploy_type="flux", admin=True),
+    # the realtime docs allow sizes from 1 (integrations send 64+): any size from 64 is answered exactly
     PathFamily("realtime", f"{ENTERPRISE}/realtime", _fixed("realtime", T2I, I2I, INPAINT),
-               deploy_type="realtime", admin=True),
+               deploy_type="realtime", admin=True, min_side=REALTIME_MIN_SIDE, side_multiple=1),
     PathFamily("flux", f"{ENTERPRISE}/flux", _fixed("flux", T2I, I2I, INPAINT), deploy_type="flux", admin=True),
     PathFamily("flux_kontext_dev", f"{ENTERPRISE}/flux_kontext_dev", _fixed("flux-kontext-dev", I2I, INPAINT),
                deploy_type="image_editing", admin=True),
@@ -82,7 +85,8 @@ PATH_FAMILIES: tuple[PathFamily, ...] = (
         Action("inpaint", INPAINT, default_model="flux"),
     ), deploy_type="image_editing", admin=True),
     # -- v6: realtime (the SDK's non-enterprise Realtime) and images (Community, Kontext) -----------
-    PathFamily("v6_realtime", f"{V6}/realtime", _fixed("realtime", T2I, I2I, INPAINT), deploy_type="realtime"),
+    PathFamily("v6_realtime", f"{V6}/realtime", _fixed("realtime", T2I, I2I, INPAINT), deploy_type="realtime",
+               min_side=REALTIME_MIN_SIDE, side_multiple=1),
     PathFamily("v6", f"{V6}/images", (
         Action("text2img", T2I, default_model="flux", deploy_type="text_to_image"),
         Action("img2img", I2I),  # model_id required (ModelsLab's Kontext page)
@@ -93,7 +97,7 @@ PATH_FAMILIES: tuple[PathFamily, ...] = (
         Action("text-to-image", T2I, default_model="flux-klein"),
         Action("image-to-image", I2I, default_model="flux-kontext-dev"),
         Action("inpaint", INPAINT, default_model="flux-klein"),
-    ), deploy_type="text_to_image", failed_answers_200=True),
+    ), deploy_type="text_to_image"),
 )
 
 #: Further fetch routes clients call: ``{id}`` in the path, or the id as ``request_id`` in the body.

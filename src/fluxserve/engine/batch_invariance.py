@@ -38,10 +38,23 @@ def make_batch_invariant(pipeline: Any) -> None:
     """Idempotent; the modules are changed in place (shared with ``from_pipe`` twins)."""
     transformer = getattr(pipeline, "transformer", None)
     if transformer is not None and not getattr(transformer, _MARK, False):
-        for module in transformer.modules():
-            if type(module) is torch.nn.Linear:
-                module.forward = types.MethodType(_rowwise_linear, module)  # type: ignore[method-assign]  # deliberate per-instance override
+        _rowwise_linears(transformer)
         setattr(transformer, _MARK, True)
     vae = getattr(pipeline, "vae", None)
     if vae is not None and hasattr(vae, "use_slicing"):
         vae.use_slicing = True
+
+
+def make_new_linears_batch_invariant(pipeline: Any) -> None:
+    """After layers were added to a batch-invariant transformer (a LoRA adapter's ``lora_A`` /
+    ``lora_B``): make those row-wise too. Nothing happens to a transformer that was not made
+    batch-invariant."""
+    transformer = getattr(pipeline, "transformer", None)
+    if transformer is not None and getattr(transformer, _MARK, False):
+        _rowwise_linears(transformer)
+
+
+def _rowwise_linears(module: torch.nn.Module) -> None:
+    for child in module.modules():
+        if type(child) is torch.nn.Linear and "forward" not in child.__dict__:
+            child.forward = types.MethodType(_rowwise_linear, child)  # type: ignore[method-assign]  # deliberate per-instance override

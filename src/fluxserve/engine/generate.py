@@ -35,11 +35,14 @@ def seeded_generator(seed: int) -> torch.Generator:
 
 
 def crop_to(image: Image.Image, width: int, height: int) -> Image.Image:
-    """The centre ``width`` x ``height`` of an image generated at the family's size multiple."""
+    """Exactly ``width`` x ``height``: the centre of an image generated at the family's size
+    multiple (a few pixels more), or the whole image scaled, when it was generated larger."""
     if image.size == (width, height):
         return image
-    left, top = (image.width - width) // 2, (image.height - height) // 2
-    return image.crop((left, top, left + width, top + height))
+    if width <= image.width < width + 16 and height <= image.height < height + 16:
+        left, top = (image.width - width) // 2, (image.height - height) // 2
+        return image.crop((left, top, left + width, top + height))
+    return image.resize((width, height), Image.Resampling.LANCZOS)
 
 
 def keep_unmasked(image: Image.Image, init: Image.Image, mask: Image.Image) -> Image.Image:
@@ -71,15 +74,16 @@ class Generator:
         call = spec.family.call(params, inputs, width, height)
         pipeline = self.pipelines.get(spec, call.variant)
         images = []
-        for index, seed in enumerate(params.seeds):
-            extra: dict[str, Any] = {}
-            if progress:
-                extra["callback_on_step_end"] = _step_callback(progress, index, len(params.seeds))
-            image = pipeline(generator=seeded_generator(seed), output_type="pil", **call.kwargs, **extra).images[0]
-            image = crop_to(image.convert("RGB"), params.width, params.height)
-            if task is Task.INPAINT:
-                image = keep_unmasked(image, inputs.references[0], inputs.inpaint_mask())
-            images.append(image)
+        with self.pipelines.loras(spec, params.loras, params.lora_strengths):  # none: every adapter off
+            for index, seed in enumerate(params.seeds):
+                extra: dict[str, Any] = {}
+                if progress:
+                    extra["callback_on_step_end"] = _step_callback(progress, index, len(params.seeds))
+                image = pipeline(generator=seeded_generator(seed), output_type="pil", **call.kwargs, **extra).images[0]
+                image = crop_to(image.convert("RGB"), params.width, params.height)
+                if task is Task.INPAINT:
+                    image = keep_unmasked(image, inputs.references[0], inputs.inpaint_mask())
+                images.append(image)
         return images
 
     def run_batch(self, spec: ModelSpec, jobs: list[JobParams], progress: Progress | None = None) -> list[list[Image.Image]]:
@@ -92,7 +96,9 @@ class Generator:
         call = spec.family.batch_call(jobs, width, height)
         generators = [seeded_generator(seed) for p in jobs for seed in p.seeds]
         extra: dict[str, Any] = {"callback_on_step_end": _step_callback(progress, 0, 1)} if progress else {}
-        images = self.pipelines.get(spec, call.variant)(generator=generators, output_type="pil", **call.kwargs, **extra).images
+        pipeline = self.pipelines.get(spec, call.variant)
+        with self.pipelines.loras(spec, first.loras, first.lora_strengths):  # equal in a batch (its key says so)
+            images = pipeline(generator=generators, output_type="pil", **call.kwargs, **extra).images
         out, start = [], 0
         for p in jobs:
             out.append([crop_to(image.convert("RGB"), p.width, p.height) for image in images[start:start + len(p.seeds)]])

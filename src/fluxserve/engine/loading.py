@@ -6,12 +6,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 
 from fluxserve.engine.batch_invariance import make_batch_invariant
 from fluxserve.engine.errors import ModelLoadError
+from fluxserve.engine.lora import Adapters
 from fluxserve.engine.optimize import Optimizations, apply, warm_up
 from fluxserve.engine.residency import Residency
 from fluxserve.models import ModelSpec
@@ -57,12 +60,14 @@ class PipelineCache:
     def __init__(
         self, device: str, dtype: torch.dtype, residency: Residency | None = None,
         optimizations: Optimizations | None = None, warm_sizes: tuple[int, ...] = (), warm_batch: int = 1,
+        adapters: Adapters | None = None,
     ):
         self.device = device
         self.dtype = dtype
         self.optimizations = optimizations or Optimizations.none()
         self.warm_sizes = warm_sizes  # compiled pipelines are warmed at these square sizes at load
         self.warm_batch = warm_batch  # and, with dynamic batching (max batch size > 1), batched too
+        self.adapters = adapters or Adapters()  # LoRA adapters, loaded on the base pipelines
         self._pipelines: dict[tuple[str, str], Any] = {}
         self._lock = threading.RLock()  # on_evict runs inside place(), inside get()
         self.residency = residency or Residency(device=device, budget_bytes=None, on_evict=self._evicted)
@@ -89,6 +94,13 @@ class PipelineCache:
             if "_fluxserve_optimizations" not in pipeline.__dict__:  # once, on the device (fp8 and checks need it)
                 self._optimize(cache_key, spec, pipeline)
             return pipeline
+
+    def loras(self, spec: ModelSpec, names: Sequence[str], strengths: Sequence[float]) -> AbstractContextManager[None]:
+        """A block running ``spec``'s pipelines (any variant) with these LoRA adapters at these
+        strengths, and with none when ``names`` is empty. Call ``get`` first."""
+        with self._lock:
+            base = self._pipelines[(spec.pipeline, spec.source)]
+        return self.adapters.applied(base, spec.name, names, strengths)
 
     def _optimize(self, cache_key, spec: ModelSpec, pipeline: Any) -> None:
         make_batch_invariant(pipeline)  # before compile traces the modules; a no-op for solo calls

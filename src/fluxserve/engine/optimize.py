@@ -567,14 +567,36 @@ class PromptEmbeddingCache:
 
 
 def _encoder_state(pipeline: Any) -> tuple:
-    """What besides the arguments decides an encoding: which text encoders, in what dtype, where."""
-    state: list[Any] = [type(pipeline).__name__]
+    """What besides the arguments decides an encoding: which text encoders, in what dtype, where,
+    with which LoRA adapters on, at what scale."""
+    # autograd on or off: kernels (SDPA's backend choice) and so the last bits can differ
+    state: list[Any] = [type(pipeline).__name__, torch.is_grad_enabled()]
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         module = getattr(pipeline, name, None)
         if isinstance(module, torch.nn.Module):
             parameter = next(module.parameters(), None)
-            state.append((name, id(module), str(getattr(parameter, "dtype", None)), str(getattr(parameter, "device", None))))
+            state.append((name, id(module), str(getattr(parameter, "dtype", None)), str(getattr(parameter, "device", None)),
+                          _adapter_state(module)))
     return tuple(state)
+
+
+def _adapter_state(module: torch.nn.Module) -> tuple | None:
+    """The LoRA state of a text encoder (None without LoRA layers): for its peft layers, which
+    adapters are active, whether they are disabled or merged, and their scales; each layer's
+    weights are fixed once loaded (a hot-swap changes the adapter, hence this state too: the
+    engine swaps only transformer adapters). Walking the modules costs well under a millisecond."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # without peft there are no adapters
+        return None
+    states = set()
+    for layer in module.modules():
+        if isinstance(layer, BaseTunerLayer):
+            active = tuple(layer.active_adapters)
+            scaling = getattr(layer, "scaling", {}) or {}
+            scales = tuple((name, float(scaling[name])) for name in active if name in scaling)
+            states.add((active, bool(layer.disable_adapters), bool(layer.merged), scales))
+    return tuple(sorted(states)) if states else None
 
 
 def _apply_prompt_cache(pipeline: Any, opts: Optimizations) -> str:

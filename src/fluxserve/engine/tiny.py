@@ -45,7 +45,7 @@ import torch
 
 from fluxserve.engine.families.base import Family
 
-__all__ = ["MARKER_NAME", "TINY_BUILD_VERSION", "build_tiny_models", "tiny_families"]
+__all__ = ["MARKER_NAME", "TINY_BUILD_VERSION", "build_tiny_lora", "build_tiny_loras", "build_tiny_models", "tiny_families"]
 
 #: File written last into a finished build; its content must equal TINY_BUILD_VERSION.
 MARKER_NAME = ".fluxserve-tiny-complete"
@@ -492,3 +492,86 @@ def build_tiny_models(root: pathlib.Path) -> dict[str, pathlib.Path]:
             _build_one(family, target)
         folders[name] = target
     return folders
+
+
+# --------------------------------------------------------------------------------------
+# tiny LoRA adapters
+# --------------------------------------------------------------------------------------
+
+#: Attention projections: in every FLUX transformer block (FLUX.1, Kontext, Fill, FLUX.2 klein).
+TINY_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+#: Text-encoder projections of CLIP (FLUX.1 family) for adapters that also change the prompt's encoding.
+TINY_TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def _random_lora_state(module: Any, targets: tuple[str, ...], rank: int, seed: int, scale: float) -> dict[str, Any]:
+    """A LoRA of ``rank`` on ``targets`` of (a copy of) ``module`` with seeded random weights, as
+    peft's state dict. peft starts ``lora_B`` at zero (an adapter that changes nothing): here both
+    factors are random, ``B`` scaled by ``scale``, so the adapter visibly changes the image."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)), copy.deepcopy(module))
+    generator = torch.Generator("cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in sorted(model.named_parameters()):
+            if ".lora_A." in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) / parameter.shape[1] ** 0.5)
+            elif ".lora_B." in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    return get_peft_model_state_dict(model)
+
+
+def build_tiny_lora(
+    pipeline_class: Any, transformer: Any, path: pathlib.Path, *, seed: int, rank: int = 4, scale: float = 3.0,
+    targets: tuple[str, ...] = TINY_LORA_TARGETS, text_encoder: Any = None,
+    text_encoder_targets: tuple[str, ...] = TINY_TEXT_ENCODER_LORA_TARGETS,
+) -> pathlib.Path:
+    """Write a random-weight LoRA for a tiny ``transformer`` (left unchanged) to ``path`` (a
+    ``.safetensors`` file) with ``pipeline_class.save_lora_weights``, the format adapters trained
+    with diffusers have. Deterministic for a seed. With ``text_encoder`` (the pipeline's CLIP
+    encoder) it adapts that too."""
+    layers = {"transformer_lora_layers": _random_lora_state(transformer, targets, rank, seed, scale)}
+    if text_encoder is not None:
+        layers["text_encoder_lora_layers"] = _random_lora_state(text_encoder, text_encoder_targets, rank, seed + 1, scale)
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.stem}.tmp-", dir=path.parent))
+    try:
+        pipeline_class.save_lora_weights(tmp, weight_name=path.name, **layers)
+        os.replace(tmp / path.name, path)  # atomic: a reader never sees half a file
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def tiny_lora_name(family: Family) -> str:
+    """The demo adapter of a family served with ``--models tiny``: ``tiny-<family>``."""
+    return f"tiny-{family.name}"
+
+
+def load_tiny_transformer(folder: pathlib.Path) -> Any:
+    """The transformer of a tiny pipeline folder, alone (its class from ``model_index.json``)."""
+    import diffusers
+
+    _library, class_name = json.loads((pathlib.Path(folder) / "model_index.json").read_text())["transformer"]
+    return getattr(diffusers, class_name).from_pretrained(pathlib.Path(folder) / "transformer")
+
+
+def build_tiny_loras(models_root: pathlib.Path, root: pathlib.Path) -> dict[str, pathlib.Path]:
+    """One demo adapter per family that takes LoRAs, for its tiny pipeline under ``models_root``
+    (built by :func:`build_tiny_models`), as ``root/tiny-<family>.safetensors`` (random weights on
+    the attention projections); a file already there is kept. Returns {adapter name: file}."""
+    import diffusers
+
+    made: dict[str, pathlib.Path] = {}
+    for name, family in tiny_families().items():
+        if not family.takes_loras:
+            continue
+        path = pathlib.Path(root) / f"{tiny_lora_name(family)}.safetensors"
+        if not path.is_file():
+            transformer = load_tiny_transformer(pathlib.Path(models_root) / name)
+            build_tiny_lora(getattr(diffusers, family.pipeline), transformer, path, seed=family.tiny_seed + 500)
+        made[tiny_lora_name(family)] = path
+    return made

@@ -18,6 +18,16 @@ class JobStatus(str, Enum):
 
 
 class DeliveryStatus(str, Enum):
+    """A webhook delivery: ``pending`` (due or waiting for its next try), ``delivered`` (2xx),
+    ``failed`` (refused: the receiver redirected or answered a non-retryable 4xx, or the URL is
+    not allowed) or ``dead`` (still failing when its retry window ended: a dead letter). Failed
+    and dead ones are terminal until an admin replays them (back to ``pending``)."""
+
     PENDING = "pending"
     DELIVERED = "delivered"
     FAILED = "failed"
+    DEAD = "dead"
+
+    @property
+    def is_given_up(self) -> bool:
+        return self in (DeliveryStatus.FAILED, DeliveryStatus.DEAD)

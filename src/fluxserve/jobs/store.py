@@ -10,18 +10,30 @@ crash can lose a notification or send one for a job that did not finish.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import case, delete, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from fluxserve.contract import FailedAnswer
 from fluxserve.jobs.database import rowcount
+from fluxserve.jobs.deliveries import receiver_of
 from fluxserve.jobs.status import DeliveryStatus, JobStatus
-from fluxserve.jobs.tables import Job, WebhookDelivery, utcnow
+from fluxserve.jobs.tables import IdempotencyKey, Job, WebhookDelivery, utcnow
 
 ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+IDEMPOTENCY_SECONDS = 24 * 3600  # how long an Idempotency-Key names its job (Stripe keeps them 24 h)
+
+
+class IdempotencyConflict(Exception):
+    """The idempotency key already created job ``job_id`` (for the same request, or not)."""
+
+    def __init__(self, job_id: int, same_request: bool):
+        super().__init__(f"idempotency key already used for job {job_id}")
+        self.job_id, self.same_request = job_id, same_request
 
 
 def _claim(session: Session, job_id: int) -> bool:
@@ -37,6 +49,11 @@ def _claim(session: Session, job_id: int) -> bool:
 def _storable_id(job_id: int) -> bool:
     """Ids are positive 64-bit integers on every backend."""
     return isinstance(job_id, int) and 0 < job_id < 2**63
+
+
+def _claimable(now: datetime):
+    """Queued, and not waiting out a dependency's outage (``release``)."""
+    return (Job.status == JobStatus.QUEUED.value) & or_(Job.not_before.is_(None), Job.not_before <= now)
 
 
 def _silent_since(cutoff: datetime):
@@ -58,16 +75,55 @@ class JobStore:
     def create(
         self, *, key_id: int, server: str, model: str, task: str, params: dict[str, Any],
         meta: dict[str, Any], file_prefix: str, webhook: str | None = None, track_id: str | None = None,
-        batch_key: str | None = None,
+        batch_key: str | None = None, idempotency: tuple[str, str] | None = None,
     ) -> Job:
+        """Queue a job. With ``idempotency`` = (the client's key, the request's hash), the key is
+        recorded in the same transaction; if the key already names a job (within
+        ``IDEMPOTENCY_SECONDS``), nothing is created and ``IdempotencyConflict`` says which."""
         job = Job(
             key_id=key_id, server=server, model=model, task=task, status=JobStatus.QUEUED.value,
             params=params, meta=meta, file_prefix=file_prefix, outputs=[], webhook=webhook, track_id=track_id,
             batch_key=batch_key,
         )
-        with self._sessions.begin() as session:
-            session.add(job)
+        if idempotency is not None:
+            existing = self.idempotent_job(key_id, *idempotency)
+            if existing is not None:
+                raise existing
+        try:
+            with self._sessions.begin() as session:
+                session.add(job)
+                if idempotency is not None:
+                    session.flush()  # the job's id
+                    session.add(IdempotencyKey(key_id=key_id, value=idempotency[0], request_hash=idempotency[1],
+                                               job_id=job.id))
+        except IntegrityError:
+            if idempotency is None:
+                raise
+            existing = self.idempotent_job(key_id, *idempotency)  # a concurrent twin won the race
+            if existing is None:
+                raise
+            raise existing from None
         return job
+
+    def idempotent_job(self, key_id: int, value: str, request_hash: str) -> IdempotencyConflict | None:
+        """The job an unexpired idempotency key already created, as an ``IdempotencyConflict``
+        (``same_request`` tells whether the request matches); an expired key is deleted."""
+        cutoff = utcnow() - timedelta(seconds=IDEMPOTENCY_SECONDS)
+        with self._sessions.begin() as session:
+            row = session.scalar(select(IdempotencyKey).where(IdempotencyKey.key_id == key_id,
+                                                              IdempotencyKey.value == value))
+            if row is None:
+                return None
+            if row.created_at < cutoff:
+                session.delete(row)
+                return None
+            return IdempotencyConflict(row.job_id, row.request_hash == request_hash)
+
+    def forget_idempotency_keys(self, now: datetime | None = None) -> int:
+        """Delete keys older than ``IDEMPOTENCY_SECONDS`` (the janitor's job); returns how many."""
+        cutoff = (now or utcnow()) - timedelta(seconds=IDEMPOTENCY_SECONDS)
+        with self._sessions.begin() as session:
+            return rowcount(session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < cutoff)))
 
     def get(self, job_id: int, key_id: int | None = None) -> Job | None:
         if not _storable_id(job_id):  # e.g. a client's 10**30: no such job, and no database error
@@ -124,7 +180,8 @@ class JobStore:
         return max(0.0, (utcnow() - job.created_at).total_seconds()) if job else 0.0
 
     def webhook_status(self, job_id: int) -> str:
-        """"" without a webhook, else the latest delivery's state (pending | delivered | failed)."""
+        """"" without a webhook, else the latest delivery's state: pending | delivered | failed
+        (the receiver refused it) | dead (its retry window ended; an admin may replay it)."""
         with self._sessions() as session:
             return session.scalar(
                 select(WebhookDelivery.status).where(WebhookDelivery.job_id == job_id)
@@ -132,17 +189,39 @@ class JobStore:
             ) or ""
 
     # -- running -------------------------------------------------------------------------------
-    def claim_next(self) -> Job | None:
-        """Move the oldest queued job to running under a fresh claim token and return it."""
+    def claim_next(self, *, loaded: Sequence[str] = (), affinity_seconds: float = 0.0,
+                   models: Sequence[str] | None = None) -> Job | None:
+        """Move the next queued job to running under a fresh claim token and return it. Next is:
+
+        1. a job for a model in ``loaded`` (the worker holds it: no model swap), unless a job for
+           another model has waited ``affinity_seconds`` or more (then it is as good: no starvation);
+        2. fair share: the job of the key served longest ago (a key never served first), so one
+           key with 500 queued jobs does not block another key's single job;
+        3. the oldest.
+
+        ``models`` limits the worker to its model group. On PostgreSQL the row is taken with
+        ``FOR UPDATE SKIP LOCKED``, so concurrent workers take different jobs without retrying."""
         while True:
+            now = utcnow()
+            served = aliased(Job)
+            last_served = (select(func.max(served.started_at))
+                           .where(served.key_id == Job.key_id, served.started_at.is_not(None)).scalar_subquery())
+            query = select(Job.id).where(_claimable(now))
+            if models is not None:
+                query = query.where(Job.model.in_(list(models)))
+            order = []
+            if loaded:
+                waited_enough = Job.created_at <= now - timedelta(seconds=affinity_seconds)
+                order.append(case((or_(Job.model.in_(list(loaded)), waited_enough), 0), else_=1))
+            query = query.order_by(*order, last_served.asc().nulls_first(), Job.id).limit(1)
             with self._sessions.begin() as session:
-                job_id = session.scalar(
-                    select(Job.id).where(Job.status == JobStatus.QUEUED.value).order_by(Job.id).limit(1)
-                )
+                if session.get_bind().dialect.name == "postgresql":
+                    query = query.with_for_update(of=Job, skip_locked=True)
+                job_id = session.scalar(query)
                 if job_id is None:
                     return None
                 claimed = _claim(session, job_id)
-            if claimed:  # another worker may have won the race: then try the next one
+            if claimed:  # another worker may have won the race (SQLite): then try the next one
                 return self.get(job_id)
 
     def claim_compatible(self, batch_key: str, limit: int) -> list[Job]:
@@ -150,7 +229,7 @@ class JobStore:
         claimed: list[Job] = []
         with self._sessions() as session:
             candidates = list(session.scalars(
-                select(Job.id).where(Job.status == JobStatus.QUEUED.value, Job.batch_key == batch_key)
+                select(Job.id).where(_claimable(utcnow()), Job.batch_key == batch_key)
                 .order_by(Job.id).limit(limit)
             ))
         for job_id in candidates:
@@ -186,6 +265,23 @@ class JobStore:
             expires_at=expires_at, output_urls=output_urls,
         )
 
+    def release(self, job_id: int, token: str, delay_seconds: float) -> bool:
+        """Put a running job back in the queue because a dependency it needs is away (not the
+        job's fault): it is claimed again after ``delay_seconds``, this attempt does not count
+        against ``max_job_attempts``, and nothing is recorded as failed. False: not ours."""
+        with self._sessions.begin() as session:
+            return bool(rowcount(session.execute(
+                update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.claim_token == token)
+                .values(status=JobStatus.QUEUED.value, claim_token=None, attempts=Job.attempts - 1,
+                        waits=Job.waits + 1, not_before=utcnow() + timedelta(seconds=delay_seconds),
+                        progress_step=0, progress_total=0)
+            )))
+
+    def ping(self) -> None:
+        """Raise if the database can't be reached (a cheap query)."""
+        with self._sessions() as session:
+            session.execute(select(1))
+
     def fail(self, job_id: int, token: str, message: str) -> bool:
         return self._finish(job_id, token, JobStatus.FAILED, None, error=message)
 
@@ -211,7 +307,7 @@ class JobStore:
             return
         now = utcnow()
         session.add(WebhookDelivery(
-            job_id=job.id, key_id=job.key_id, url=job.webhook, payload=payload,
+            job_id=job.id, key_id=job.key_id, url=job.webhook, receiver=receiver_of(job.webhook), payload=payload,
             status=DeliveryStatus.PENDING.value, next_attempt_at=now,
             give_up_at=now + timedelta(seconds=self.webhook_retry_seconds),
         ))

@@ -14,6 +14,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -68,7 +69,10 @@ class ApiKey(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = {"sqlite_autoincrement": True}
+    __table_args__ = (
+        Index("ix_jobs_key_started", "key_id", "started_at"),  # fair share: when each key was last served
+        {"sqlite_autoincrement": True},
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), index=True)
@@ -98,11 +102,39 @@ class Job(Base):
     expired_at: Mapped[datetime | None] = mapped_column(nullable=True)
     output_urls: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)  # set when stored remotely (S3)
     batch_key: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)  # jobs that may share a call
+    # a job put back because a dependency was away (disk, object store) waits until then
+    not_before: Mapped[datetime | None] = mapped_column(nullable=True)
+    waits: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))  # times put back that way
 
     def output_names(self) -> list[str]:
         """The file names of this job's images (one per seed): fixed when it is queued, so
         future_links are exact and a retry overwrites the same files."""
         return [f"{self.file_prefix}-{i}.png" for i in range(len(self.params["seeds"]))]
+
+    @property
+    def base64_files(self) -> bool:
+        """``base64: true`` answered ModelsLab's way: each image also as a text file of its
+        base64, whose URL is the answer's ``output`` (unless the server answers inline strings)."""
+        return bool(self.params.get("base64")) and not self.params.get("base64_inline")
+
+    def base64_names(self) -> list[str]:
+        return [name.removesuffix(".png") + ".base64" for name in self.output_names()]
+
+
+class IdempotencyKey(Base):
+    """A client's ``Idempotency-Key`` (per API key) and the job it created: the same key with the
+    same request answers that job again; with another request it is refused. Written in the
+    transaction that creates the job, so neither exists without the other."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("key_id", "value"), {"sqlite_autoincrement": True})
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    value: Mapped[str] = mapped_column(String(255))
+    request_hash: Mapped[str] = mapped_column(String(64))  # sha256 of the request as parsed
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
 class StorageConfig(Base):
@@ -136,10 +168,17 @@ class WebhookDelivery(Base):
     key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"))
     url: Mapped[str] = mapped_column(Text)
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
-    status: Mapped[str] = mapped_column(String(16), index=True)  # pending | delivered | failed
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # pending | delivered | failed | dead
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # since it was queued (or last replayed)
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
-    give_up_at: Mapped[datetime] = mapped_column()
+    give_up_at: Mapped[datetime] = mapped_column()  # the end of the retry window
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # -- concurrent delivery, dead letters ---------------------------------------------------
+    # "scheme://host[:port]" of the URL (never its path or query): the per-host limit counts
+    # POSTs in flight per receiver; NULL on rows from older releases (filled in when claimed)
+    receiver: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    claim_token: Mapped[str | None] = mapped_column(String(36), nullable=True)  # the attempt in flight
+    gave_up_at: Mapped[datetime | None] = mapped_column(nullable=True)  # when it became failed or dead
+    replays: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))  # by an admin

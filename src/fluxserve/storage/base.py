@@ -24,3 +24,7 @@ class Storage(Protocol):
     def check(self) -> None:
         """Raise (with a message safe to show) if this storage can't be written now."""
         ...
+
+    def delete(self, name: str) -> None:
+        """Remove ``name`` if it is there (best effort: never raises for a missing one)."""
+        ...

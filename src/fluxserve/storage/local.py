@@ -51,8 +51,22 @@ class LocalStorage:
             raise FileNotFoundError(name)
         return path.read_bytes()
 
+    #: what ``check`` writes: about one output's worth, so a nearly full disk fails the probe too
+    PROBE_BYTES = 1024 * 1024
+
     def check(self) -> None:
-        """The folder exists and is writable."""
+        """The folder takes a write of about one output (raises OSError, e.g. ENOSPC, if not)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        if not os.access(self.root, os.W_OK):
-            raise OSError(f"{self.root} is not writable")
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-probe-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(bytes(self.PROBE_BYTES))
+                handle.flush()
+                os.fsync(handle.fileno())
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def delete(self, name: str) -> None:
+        path = self.path_for(name)
+        if path is not None:
+            path.unlink(missing_ok=True)

@@ -42,8 +42,14 @@ _MAX_NAME = 512
 
 
 class UploadError(RuntimeError):
-    """An upload, verification or check that failed for good. The message is safe to show the
-    user: it names the bucket and key but never the credentials."""
+    """An upload, verification or check that failed after its retries. The message is safe to
+    show the user: it names the bucket and key but never the credentials. ``transient_dependency``
+    is ``"object_store"`` when the store could not be reached or answered 5xx (waiting may fix it:
+    the job is kept), None when it refused (no such bucket, access denied: the job fails)."""
+
+    def __init__(self, message: str, *, transient: bool = False):
+        super().__init__(message)
+        self.transient_dependency = "object_store" if transient else None
 
 
 def _http_url(value: object, what: str) -> str:
@@ -275,12 +281,13 @@ class S3Uploader:
             head = s3.head_object(Bucket=details.bucket, Key=key)
         except Exception as exc:  # noqa: BLE001 - every failure becomes one safe message
             raise UploadError(
-                f"Upload to s3://{details.bucket}/{key} failed: {_reason(exc, details)}"
+                f"Upload to s3://{details.bucket}/{key} failed: {_reason(exc, details)}", transient=_unreachable(exc)
             ) from None
         stored = head.get("ContentLength")
         if stored != len(body):
             raise UploadError(
-                f"Upload to s3://{details.bucket}/{key} failed: verification found {stored} bytes, sent {len(body)}"
+                f"Upload to s3://{details.bucket}/{key} failed: verification found {stored} bytes, sent {len(body)}",
+                transient=True,
             )
         return details.url_for(name)
 
@@ -298,8 +305,23 @@ class S3Uploader:
             self.client(details).head_bucket(Bucket=details.bucket)
         except Exception as exc:  # noqa: BLE001
             raise UploadError(
-                f"S3 check of bucket {details.bucket!r} at {details.where()} failed: {_reason(exc, details, bucket=True)}"
+                f"S3 check of bucket {details.bucket!r} at {details.where()} failed: {_reason(exc, details, bucket=True)}",
+                transient=_unreachable(exc),
             ) from None
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """The store could not be reached, timed out, or answered 5xx / slow down: a retry later may
+    work. A refusal (4xx: no bucket, access denied, bad request) will not."""
+    try:
+        from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+    except ImportError:
+        return False
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        code = str((exc.response.get("Error", {}) or {}).get("Code") or "")
+        return status >= 500 or code in ("SlowDown", "ServiceUnavailable", "RequestTimeout", "InternalError")
+    return isinstance(exc, (ConnectionError, HTTPClientError))
 
 
 def _reason(exc: BaseException, details: S3Details, bucket: bool = False) -> str:
@@ -377,3 +399,6 @@ class S3Storage:
 
     def check(self) -> None:
         self.uploader.check(self.details)
+
+    def delete(self, name: str) -> None:
+        self.uploader.delete(self.details, name)

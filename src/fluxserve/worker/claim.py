@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 
+from fluxserve.dependencies import Health, transient_dependency
 from fluxserve.engine.errors import JobAborted
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.tables import Job
@@ -23,8 +24,9 @@ def claimed_token(job: Job) -> str:
 class Claim:
     """A job this worker runs: its heartbeat (from a side thread) and its progress."""
 
-    def __init__(self, jobs: JobStore, job: Job, every: float):
+    def __init__(self, jobs: JobStore, job: Job, every: float, health: Health | None = None):
         self.jobs, self.job_id, self.token, self.every = jobs, job.id, claimed_token(job), every
+        self.health = health or Health()
         self.step, self.total = 0, 0
         self.lost = threading.Event()
         self._stop = threading.Event()
@@ -57,5 +59,9 @@ class Claim:
                     self.lost.set()
                     return
                 written, last_beat = progress, time.monotonic()
-            except Exception:  # noqa: BLE001 - a missed beat is retried on the next tick
-                log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - a missed beat is retried on the next tick
+                dependency = transient_dependency(exc)
+                if dependency is not None:  # one line for the outage, not one per beat
+                    self.health.down(dependency, f"{type(exc).__name__}: {exc}"[:300])
+                else:
+                    log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)

@@ -4,19 +4,22 @@ it has one), and the one write that records the outcome. Runs on a thread of its
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from PIL import Image
 
 from fluxserve.contract import SuccessAnswer
+from fluxserve.dependencies import Dependency, Health, transient_dependency
 from fluxserve.engine.errors import JobAborted, ModelLoadError
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.tables import Job, utcnow
@@ -29,6 +32,11 @@ from fluxserve.worker.messages import Outcome
 from fluxserve.worker.prepare import PreparedJob
 
 log = logging.getLogger(__name__)
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 OOM_MESSAGE = ("Out of GPU memory while generating; the memory was released. "
                "Try fewer samples or a smaller size, or retry when the server is less busy.")
@@ -69,16 +77,23 @@ class FinisherThread:
 
 
 class ResultWriter:
-    """Records how jobs ended: ``succeed`` (check, encode, store, commit) or ``fail``."""
+    """Records how jobs ended: ``succeed`` (check, encode, store, commit) or ``fail``. A failure
+    caused by a dependency being away (``dependencies.transient_dependency``: disk full, object
+    store or database unreachable) is not the job's: the job goes back to the queue (with a
+    backoff) and ``health`` says what is away, so the worker waits instead of failing the queue."""
 
     def __init__(self, jobs: JobStore, outputs: LocalStorage, safety: Safety, engine: MemoryEngine,
-                 storage_configs: StorageConfigs | None, retention_seconds: float):
+                 storage_configs: StorageConfigs | None, retention_seconds: float, health: Health | None = None,
+                 max_release_seconds: float = 30.0):
         self.jobs = jobs
         self.outputs = outputs
         self.safety = safety
         self.engine = engine
         self.storage_configs = storage_configs
         self.retention_seconds = retention_seconds
+        self.health = health or Health()
+        self.max_release_seconds = max_release_seconds
+        self.last_remote: dict[str, Any] | None = None  # the bucket a job could not reach (probed before resuming)
         self._encoders = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="png")
 
     def close(self) -> None:
@@ -100,20 +115,24 @@ class ResultWriter:
         else:
             pngs = [future.result() for future in encoding]
         names = job.output_names()
-        for name, png in zip(names, pngs):
-            self.outputs.save(name, png)  # same names on a retry: one set of files
+        files = list(zip(names, pngs, ["image/png"] * len(names)))
+        if job.base64_files:  # ModelsLab's base64 answers: a text file of each image's base64 beside it
+            files += [(name, base64.b64encode(png), "text/plain") for name, png in zip(job.base64_names(), pngs)]
+        stored = {name: self.outputs.save(name, data) for name, data, _ in files}  # same names on a retry
         output_urls = None
         if params.remote:
             if self.storage_configs is None:
                 raise StorageUnavailable("Upload failed: this worker has no S3 support configured")
             remote = self.storage_configs.storage(params.remote)  # any failure fails the job: never a silent drop
-            output_urls = [remote.save(name, png) for name, png in zip(names, pngs)]
+            stored = {name: remote.save(name, data, kind) for name, data, kind in files}
+            output_urls = [stored[name] for name in names]
         elapsed = time.perf_counter() - started
-        links = output_urls or [self.outputs.url_for(name) for name in names]
-        webhook = SuccessAnswer(id=job.id, output=links, proxy_links=links, generationTime=round(elapsed, 4),
+        links = [stored[name] for name in names]
+        output = [stored[name] for name in job.base64_names()] if job.base64_files else links
+        webhook = SuccessAnswer(id=job.id, output=output, proxy_links=links, generationTime=round(elapsed, 4),
                                 nsfw_content_detected=nsfw, meta=meta)
         finished = self.jobs.succeed(
-            job.id, claimed_token(job), outputs=names, nsfw_detected=nsfw, generation_time=elapsed, meta=meta,
+            job.id, claimed_token(job), outputs=list(stored), nsfw_detected=nsfw, generation_time=elapsed, meta=meta,
             expires_at=utcnow() + timedelta(seconds=self.retention_seconds),
             webhook_payload={**webhook.body(), "track_id": job.track_id}, output_urls=output_urls,
         )
@@ -131,14 +150,51 @@ class ResultWriter:
         return (Outcome.SUCCEEDED if generation_time is not None else Outcome.LOST), generation_time
 
     def fail(self, job: Job, exc: Exception) -> tuple[Outcome, None]:
-        """Record ``exc`` as the job's failure (or nothing, if the job is no longer ours)."""
+        """Record ``exc`` as the job's failure (or nothing, if the job is no longer ours); a
+        dependency's absence puts the job back instead (``Outcome.RELEASED``)."""
         if isinstance(exc, JobAborted):
             log.warning("job %s: claim lost mid-run; its new owner will finish it", job.id)
             return Outcome.LOST, None
+        dependency = transient_dependency(exc)
+        if dependency is not None:
+            return self._release(job, dependency, exc), None
+        self._remove_files(job)  # a job that fails leaves no files
         if not self.jobs.fail(job.id, claimed_token(job), self.failure_message(job, exc)):
             log.warning("job %s failed after its claim was lost; its new owner will finish it", job.id)
             return Outcome.LOST, None
         return Outcome.FAILED, None
+
+    def _release(self, job: Job, dependency: Dependency, exc: Exception) -> Outcome:
+        self.health.down(dependency, _short(exc))
+        if dependency is Dependency.OBJECT_STORE:
+            self.last_remote = job.params.get("remote")
+        if dependency is Dependency.DATABASE:  # nothing can be written: its lease brings it back
+            return Outcome.LOST
+        delay = min(self.max_release_seconds, 2.0 ** (job.waits or 0)) * random.uniform(0.5, 1.0)
+        try:
+            released = self.jobs.release(job.id, claimed_token(job), delay)
+        except Exception as error:  # noqa: BLE001 - the database went too: the lease brings it back
+            self.health.down(Dependency.DATABASE, _short(error))
+            return Outcome.LOST
+        log.info("job %s put back in the queue for %.1fs: %s unavailable", job.id, delay, dependency.value)
+        return Outcome.RELEASED if released else Outcome.LOST
+
+    def _remove_files(self, job: Job) -> None:
+        """The files a failed attempt wrote (locally, and in its bucket): best effort."""
+        names = job.output_names() + job.base64_names()
+        targets: list[Any] = [self.outputs]
+        remote = job.params.get("remote")
+        if remote and self.storage_configs is not None:
+            try:
+                targets.append(self.storage_configs.storage(remote))
+            except Exception:  # noqa: BLE001 - e.g. the details were removed: nothing was uploaded there
+                pass
+        for storage in targets:
+            for name in names:
+                try:
+                    storage.delete(name)
+                except Exception:  # noqa: BLE001 - best effort
+                    log.debug("could not delete %s of failed job %s", name, job.id, exc_info=True)
 
     def failure_message(self, job: Job, exc: Exception) -> str:
         if isinstance(exc, (ModelLoadError, StorageUnavailable, UploadError)):

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
+from fluxserve.dependencies import Dependency, Health, transient_dependency
 from fluxserve.engine.families.base import Inputs
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.tables import Job
@@ -44,6 +45,7 @@ from fluxserve.worker.prepare import Preparer
 
 STATUS_EVERY_SECONDS = 5.0
 STATUS_IDLE_SECONDS = 0.05
+PROBE_FIRST_SECONDS, PROBE_MAX_SECONDS = 0.5, 10.0  # probing a dependency that is away
 log = logging.getLogger(__name__)
 
 
@@ -85,7 +87,14 @@ class Worker:
         self.sink = sink or NullSink()
         self.commands = commands if commands is not None else queue.Queue()
         self.preparer = Preparer(registry, inputs, engine, enhancer)
-        self.results = ResultWriter(jobs, outputs, safety, engine, storage_configs, self.config.retention_seconds)
+        self.health = Health()  # dependencies found away: claiming pauses until each is back
+        self.outputs = outputs
+        self.storage_configs = storage_configs
+        self.results = ResultWriter(jobs, outputs, safety, engine, storage_configs, self.config.retention_seconds,
+                                    self.health)
+        self._probe_after = 0.0
+        self._probe_backoff = PROBE_FIRST_SECONDS
+        self._reported_health: dict[str, Any] = {}
         self._finisher = FinisherThread()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -110,14 +119,20 @@ class Worker:
         return self._thread is not None and self._thread.is_alive()
 
     def run(self) -> None:
-        """Claim and run jobs until told to stop."""
+        """Claim and run jobs until told to stop; while a dependency is away, claim nothing (the
+        queue waits instead of draining into failures) and probe it with a backoff."""
         self.report_status()
         while not self._stopping.is_set():
+            if self._health_changed():
+                self.report_status()
+            if not self._dependencies_back():
+                self._wait_for_work()
+                continue
             self._recover_stale()
             try:
                 job = self.jobs.claim_next()
-            except Exception:  # noqa: BLE001 - a store hiccup must not kill the worker
-                log.exception("claiming a job failed")
+            except Exception as exc:  # noqa: BLE001 - a store hiccup must not kill the worker
+                self._store_trouble(exc, "claiming a job failed")
                 job = None
             if job is not None:
                 batch = self._gather_batch(job)
@@ -139,6 +154,52 @@ class Worker:
         except Exception:  # noqa: BLE001 - batching is an optimisation; the claimed job still runs
             log.exception("claiming a batch failed")
             return [job]
+
+    # -- dependencies ---------------------------------------------------------------------------
+    def _store_trouble(self, exc: Exception, what: str) -> None:
+        """The database away is an outage (logged once, by ``health``); anything else a bug."""
+        dependency = transient_dependency(exc)
+        if dependency is None:
+            log.exception(what)
+        else:
+            self.health.down(dependency, f"{type(exc).__name__}: {exc}"[:300])
+
+    def _dependencies_back(self) -> bool:
+        """True when nothing is away. Otherwise probe what is (at most every few seconds, backing
+        off to PROBE_MAX_SECONDS) and mark it back when the probe passes."""
+        if not self.health.degraded:
+            return True
+        now = time.monotonic()
+        if now < self._probe_after:
+            return False
+        for dependency in self.health.down_dependencies():
+            try:
+                self._probe(dependency)
+            except Exception as exc:  # noqa: BLE001 - still away
+                self.health.down(dependency, f"{type(exc).__name__}: {exc}"[:300])
+                self._probe_after = now + self._probe_backoff
+                self._probe_backoff = min(PROBE_MAX_SECONDS, self._probe_backoff * 2)
+                return False
+            self.health.up(dependency)
+        self._probe_backoff = PROBE_FIRST_SECONDS
+        return True
+
+    def _probe(self, dependency: Dependency) -> None:
+        """Raise if ``dependency`` still can't do what the jobs need."""
+        if dependency is Dependency.DATABASE:
+            self.jobs.ping()
+        elif dependency is Dependency.DISK:
+            self.outputs.check()  # writes (and removes) about one output's worth
+        elif dependency is Dependency.OBJECT_STORE:
+            remote = self.results.last_remote
+            if remote and self.storage_configs is not None:
+                self.storage_configs.storage(remote).check()
+
+    def _health_changed(self) -> bool:
+        current = {name: info["reason"] for name, info in self.health.snapshot().items()}
+        changed = current != self._reported_health
+        self._reported_health = current
+        return changed
 
     # -- commands and status --------------------------------------------------------------------
     def _wait_for_work(self) -> None:
@@ -201,7 +262,7 @@ class Worker:
         try:
             status = self.engine.status()
             self._reported_models = list(status.get("models_loaded", []))
-            self.sink.report(StatusReport(**status))
+            self.sink.report(StatusReport(**status, dependencies=self.health.snapshot()))
         except Exception:  # noqa: BLE001 - status is best-effort
             log.debug("status report failed", exc_info=True)
 
@@ -212,8 +273,8 @@ class Worker:
         self._last_recovery = now
         try:
             requeued, failed = self.jobs.recover_stale(self.config.lease_seconds, self.config.max_attempts)
-        except Exception:  # noqa: BLE001
-            log.exception("recovering stale jobs failed")
+        except Exception as exc:  # noqa: BLE001
+            self._store_trouble(exc, "recovering stale jobs failed")
             return
         if requeued or failed:
             log.warning("recovered jobs of a stopped worker: requeued %s, failed %s", requeued, failed)
@@ -224,14 +285,14 @@ class Worker:
     def process(self, job: Job) -> None:
         """Generate now; finish (safety, PNG, store, commit) on the finisher thread."""
         self.sink.report(JobStarted(job.id, claimed_token(job)))
-        self._run_one(job, Claim(self.jobs, job, self.config.heartbeat_seconds).start())
+        self._run_one(job, Claim(self.jobs, job, self.config.heartbeat_seconds, self.health).start())
 
     def process_batch(self, jobs: list[Job]) -> None:
         """Compatible jobs in one pipeline call; if that call fails, each job runs alone (so one
         bad job or an out-of-memory batch costs no other job its result)."""
         for job in jobs:
             self.sink.report(JobStarted(job.id, claimed_token(job)))
-        claims = [Claim(self.jobs, job, self.config.heartbeat_seconds).start() for job in jobs]
+        claims = [Claim(self.jobs, job, self.config.heartbeat_seconds, self.health).start() for job in jobs]
         try:
             finishes = self._generate_batch(jobs, claims)
         except Exception:  # noqa: BLE001 - retried one by one below

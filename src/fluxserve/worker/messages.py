@@ -18,7 +18,8 @@ class Command(str, Enum):
 class Outcome(str, Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
-    LOST = "lost"  # the claim was lost (another worker took the job over); nothing recorded
+    LOST = "lost"  # the claim was lost (another worker took the job over), or left to its lease; nothing recorded
+    RELEASED = "released"  # put back in the queue: a dependency was away (not the job's fault)
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,11 @@ class StatusReport:
     gpu_memory: dict[str, int] | None = None
     residency: Any = None
     optimizations: Any = None
+    dependencies: dict[str, Any] = field(default_factory=dict)  # dependencies.Health.snapshot(): what is away
 
     def as_dict(self) -> dict[str, Any]:
         return {"models_loaded": self.models_loaded, "device": self.device, "gpu_memory": self.gpu_memory,
-                "residency": self.residency, "optimizations": self.optimizations}
+                "residency": self.residency, "optimizations": self.optimizations, "dependencies": self.dependencies}
 
 
 Report = JobStarted | JobFinished | StatusReport

@@ -11,6 +11,7 @@ A family says:
 * how a job's parameters become the keyword arguments of one pipeline call (``call``), and
   whether and how several jobs share one call (``batch_key`` / ``batch_call``);
 * the calls that warm a compiled pipeline at load (``warm_calls``);
+* whether jobs may bring LoRA adapters (``takes_loras``);
 * its tiny offline build (``build_tiny``: random weights, same classes and structure).
 
 Importing a family module must not import torch, diffusers or transformers: the HTTP layer
@@ -28,6 +29,7 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
+from fluxserve.loras import describe as describe_loras
 from fluxserve.params import JobParams
 
 #: Reference images larger than this are scaled down before they reach a pipeline (diffusers
@@ -80,7 +82,12 @@ class Family:
     limits: ClassVar[Limits] = Limits()
     tiny_seed: ClassVar[int]  # base torch seed of the tiny build (builds are reproducible)
     size_multiple: ClassVar[int] = 16  # FLUX latents: 8x VAE downsampling, then 2x2 packing
+    min_generation_side: ClassVar[int] = 256  # smaller requests (realtime allows 64) are generated larger
+    max_generation_side: ClassVar[int] = 1024
     writes_prompts: ClassVar[bool] = False  # its text encoder is a causal LM that can rewrite prompts
+    # its loaded class has diffusers' LoRA loader (``load_lora_weights``): jobs may name adapters
+    # (``lora_model``), loaded on that pipeline and shared with its variants (``engine.lora``)
+    takes_loras: ClassVar[bool] = False
 
     @property
     def tasks(self) -> frozenset[Task]:
@@ -88,10 +95,15 @@ class Family:
 
     # -- how a job becomes a pipeline call -----------------------------------------------------
     def generation_size(self, width: int, height: int) -> tuple[int, int]:
-        """The size the pipeline generates at: each side rounded up to the family's multiple
-        (the engine then crops the few extra pixels, so the answer has the size asked)."""
+        """The size the pipeline generates at: each side rounded up to the family's multiple (the
+        engine then crops the few extra pixels); a request under ``min_generation_side`` is
+        generated scaled up, as far as ``max_generation_side`` allows (the engine scales the image
+        down). Either way the answer has exactly the size asked."""
+        scale = max(1.0, self.min_generation_side / min(width, height))
+        if max(width, height) * scale > self.max_generation_side:
+            scale = max(1.0, self.max_generation_side / max(width, height))
         step = self.size_multiple
-        return -(-width // step) * step, -(-height // step) * step
+        return (-(-round(width * scale) // step) * step, -(-round(height * scale) // step) * step)
 
     def call(self, params: JobParams, inputs: Inputs, width: int, height: int) -> PipelineCall:
         """The call generating one image of ``params`` at ``width`` x ``height``."""
@@ -122,11 +134,13 @@ class Family:
 # -- helpers the families share -------------------------------------------------------------------
 def text2img_batch_key(params: JobParams, *more: object) -> str | None:
     """Text-to-image jobs of one model with the same size, steps and guidance (and ``more``) may
-    share a call; other tasks never batch (their init images differ)."""
+    share a call; other tasks never batch (their init images differ). Jobs with LoRA adapters
+    share a call only with jobs applying the same adapters at the same strengths."""
     if params.task != Task.TEXT2IMG:
         return None
+    adapters = ("lora=" + describe_loras(params.loras, params.lora_strengths),) if params.loras else ()
     return "|".join(str(part) for part in (params.model, f"{params.width}x{params.height}", params.steps,
-                                           params.guidance, *more))
+                                           params.guidance, *more, *adapters))
 
 
 def batch_prompts(jobs: list[JobParams]) -> list[str]:

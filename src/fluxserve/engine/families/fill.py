@@ -19,6 +19,7 @@ class Fill(Family):
     pipeline = PIPELINE
     variants = {Task.INPAINT: PIPELINE}
     tiny_seed = 4000
+    takes_loras = True
 
     def call(self, params: JobParams, inputs: Inputs, width: int, height: int) -> PipelineCall:
         return PipelineCall(PIPELINE, dict(

@@ -34,6 +34,7 @@ class Flux1(Family):
     variants = {Task.TEXT2IMG: PIPELINE, Task.IMG2IMG: IMG2IMG, Task.INPAINT: INPAINT}
     limits = Limits(max_init_images=1, negative_prompt=True)
     tiny_seed = 2000
+    takes_loras = True
 
     def call(self, params: JobParams, inputs: Inputs, width: int, height: int) -> PipelineCall:
         common = flux1_arguments(params, width, height)

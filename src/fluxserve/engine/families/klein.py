@@ -36,6 +36,7 @@ class Klein(Family):
     variants = {Task.TEXT2IMG: PIPELINE, Task.IMG2IMG: PIPELINE, Task.INPAINT: INPAINT}
     limits = Limits(max_init_images=4)
     tiny_seed = 1000
+    takes_loras = True
     writes_prompts = True
 
     def call(self, params: JobParams, inputs: Inputs, width: int, height: int) -> PipelineCall:

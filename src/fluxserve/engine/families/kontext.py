@@ -38,6 +38,7 @@ class Kontext(Family):
     variants = {Task.TEXT2IMG: PIPELINE, Task.IMG2IMG: PIPELINE, Task.INPAINT: INPAINT}
     limits = Limits(max_init_images=1, second_image=True, negative_prompt=True)
     tiny_seed = 3000
+    takes_loras = True
 
     def call(self, params: JobParams, inputs: Inputs, width: int, height: int) -> PipelineCall:
         common = dict(flux1_arguments(params, width, height), max_area=width * height, _auto_resize=False)
