@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     sync_wait_seconds: float = Field(
         30.0, ge=0, description="How long a request waits for its job before answering processing."
     )
+    openai_wait_seconds: float = Field(
+        300.0, ge=0, description="How long an OpenAI Images API request (/v1/images/...) waits for its images "
+        "before answering 504 with the request id (OpenAI clients expect the images in the answer)."
+    )
     base64_inline: bool = Field(
         False, description="base64 answers as inline strings in output; default: ModelsLab's way, the URLs of "
         ".base64 text files (the PNG links stay in proxy_links).")

@@ -99,3 +99,81 @@ ERROR_STATUSES: dict[int, str] = {
     500: "An internal error (a failed *job* is answered 200 with status `failed`)",
     503: "Service temporarily unavailable",
 }
+
+
+# -- the OpenAI Images API (``api.openai``): its answers and its error shape --------------------
+class OpenAIImage(BaseModel):
+    """One image: ``url`` or ``b64_json`` (a PNG) as ``response_format`` asked; ``revised_prompt``
+    when ``enhance_prompt`` rewrote the prompt."""
+
+    url: str | None = None
+    b64_json: str | None = None
+    revised_prompt: str | None = None
+
+
+class OpenAIImagesAnswer(BaseModel):
+    """``POST /v1/images/generations`` and ``/v1/images/edits``."""
+
+    created: int = Field(description="Unix time the request was queued.")
+    data: list[OpenAIImage]
+
+    def body(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+class OpenAIModel(BaseModel):
+    id: str = Field(description="A served model name (what `model` takes; aliases are accepted there too).")
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "fluxserve"
+
+
+class OpenAIModelList(BaseModel):
+    """``GET /v1/models``."""
+
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, requests (rate limits) or server_error.")
+    param: str | None = Field(None, description="The request field at fault, when there is one.")
+    code: str | None = Field(None, description="e.g. invalid_api_key, model_not_found, rate_limit_exceeded, timeout.")
+
+
+class OpenAIErrorAnswer(BaseModel):
+    """Every refusal on ``/v1/``: OpenAI's error shape (the SDKs raise their exception types from it)."""
+
+    error: OpenAIErrorDetail
+
+
+_OPENAI_ERROR_TYPES = {429: "requests"}  # else invalid_request_error below 500, server_error from 500
+_OPENAI_ERROR_CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded", 413: "request_too_large", 408: "timeout",
+                       504: "timeout"}
+
+
+def openai_error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """The OpenAI error answer for an HTTP status: type and code follow the status unless given."""
+    kind = _OPENAI_ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    detail = OpenAIErrorDetail(message=message, type=kind, param=param, code=code or _OPENAI_ERROR_CODES.get(status))
+    return OpenAIErrorAnswer(error=detail).model_dump(mode="json")
+
+
+#: The statuses the OpenAI routes answer with, for ``/docs``.
+OPENAI_ERROR_STATUSES: dict[int, str] = {
+    400: "Bad input (`size`, `n`, a missing prompt or image, an image that can't be decoded, a model that can't "
+         "do this)",
+    401: "Missing or invalid API key (`invalid_api_key`)",
+    404: "Unknown model (`model_not_found`) or route",
+    408: "The request body took too long to arrive",
+    409: "The `Idempotency-Key` was already used with a different request",
+    410: "The request was cancelled (e.g. by `clear_queue`) before its images were made",
+    413: "The request body is too large",
+    429: "Rate limit or queued-request limit exceeded (`Retry-After` header, in seconds)",
+    500: "The generation failed (the message says why) or an internal error",
+    503: "A dependency (database, disk, object store) is away: retry later (`Retry-After`); after the request "
+         "was queued, the message names its id instead",
+    504: "The images were not ready within `FLUXSERVE_OPENAI_WAIT_SECONDS`; the message names the request id to fetch "
+         "it with the ModelsLab fetch routes",
+}

@@ -59,11 +59,13 @@ def is_inline_image(text: str) -> bool:
     return text[:5].lower() == "data:" or is_raw_base64(text)
 
 
-def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE) -> Image.Image:
+def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE,
+                 keep_alpha: bool = False) -> Image.Image:
     """Decode untrusted bytes into an RGB image: the format is sniffed from the bytes (PNG, JPEG,
     WebP, GIF, AVIF where Pillow has it), the size checked from the header before any pixel is
     decoded, the first frame of an animation taken, EXIF orientation applied, alpha flattened
-    onto white. Anything else raises ``ImageInputError`` with a message safe to show."""
+    onto white (with ``keep_alpha``, an image with transparency is RGBA instead). Anything else
+    raises ``ImageInputError`` with a message safe to show."""
     if not data:
         raise ImageInputError("Unable to decode the init image: the file is empty")
     try:
@@ -71,7 +73,7 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, max_side: int = M
             _check_size(probe.size, max_pixels, max_side)
             if probe.format == "PNG":
                 _check_png_chunks(data)
-            return _to_rgb(ImageOps.exif_transpose(probe))  # decodes the first frame only
+            return _to_rgb(ImageOps.exif_transpose(probe), keep_alpha)  # decodes the first frame only
     except ImageInputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # the warning if raised as error
@@ -140,13 +142,15 @@ def _sniff(data: bytes) -> str | None:
     return None
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any mode to RGB: high bit depth grey scaled to 8 bits, transparency flattened onto white,
-    palette, 1-bit, grey and CMYK converted."""
+def _to_rgb(image: Image.Image, keep_alpha: bool = False) -> Image.Image:
+    """Any mode to RGB: high bit depth grey scaled to 8 bits, transparency flattened onto white
+    (or kept: RGBA), palette, 1-bit, grey and CMYK converted."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         image = _grey_to_l(image)
     if image.has_transparency_data:
         rgba = image.convert("RGBA")
+        if keep_alpha:
+            return rgba
         flat = Image.new("RGB", rgba.size, _WHITE)
         flat.paste(rgba, mask=rgba.getchannel("A"))
         return flat

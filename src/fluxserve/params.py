@@ -4,9 +4,25 @@ Never an HTTP model; the request bodies in ``api.schemas`` translate themselves 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 SEED_MAX = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An image sent in the request itself (a multipart file), not by URL. It goes through the
+    same decoding and storing as a fetched init image."""
+
+    data: bytes = field(repr=False)
+    filename: str = ""
+
+    def __str__(self) -> str:  # what meta records in place of a URL
+        return f"upload:{self.filename or 'image'}"
+
+
+#: An input image as a request names it: a URL (http(s) or data:) or an uploaded file.
+ImageSource = str | Upload
 
 
 @dataclass
@@ -18,17 +34,20 @@ class GenerationRequest:
     task: str  # text2img | img2img | inpaint (engine.families.base.Task)
     prompt: str
     negative_prompt: str | None = None
-    width: int = 512
-    height: int = 512
+    width: int | None = 512  # None (both): the first init image's size, fitted to the limits
+    height: int | None = 512
     samples: int = 1
     seed: int | None = None
     steps: int | None = None
     guidance: float | None = None
     strength: float | None = None
     true_cfg_scale: float | None = None
-    init_images: list[str] = field(default_factory=list)  # URLs as sent; all used as references
+    init_images: list[ImageSource] = field(default_factory=list)  # as sent; all used as references
     init_image_2: str | None = None  # Kontext's second reference
-    mask_image: str | None = None  # inpainting: white repaints, black keeps
+    mask_image: ImageSource | None = None  # inpainting: see mask_convention
+    # how the mask marks what to repaint: "luminance" (ModelsLab: white repaints, black keeps, grey
+    # blends) or "alpha" (OpenAI: fully transparent pixels are repainted, all others kept)
+    mask_convention: Literal["luminance", "alpha"] = "luminance"
     safety_checker: bool = True
     base64: bool = False
     instant_response: bool = False

@@ -20,6 +20,7 @@ from fluxserve.api.generation import GenerationService
 from fluxserve.api.json_bodies import JsonBodiesMiddleware
 from fluxserve.api.limits import AddressRateLimitMiddleware, BodyLimitMiddleware, RateLimits
 from fluxserve.api.modelslab import router as modelslab_router
+from fluxserve.api.openai import router as openai_router
 from fluxserve.api.outputs import outputs_router
 from fluxserve.api.progress import jobs_router
 from fluxserve.api.storage_routes import storage_router
@@ -109,7 +110,8 @@ def create_app(
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Content-Type", "Key", "Authorization"])
-    for router in (modelslab_router, admin, storage_router, jobs_router, webhooks_router, outputs_router, ops):
+    for router in (modelslab_router, openai_router, admin, storage_router, jobs_router, webhooks_router, outputs_router,
+                   ops):
         app.include_router(router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
@@ -117,7 +119,8 @@ def create_app(
 
 def _openapi(app: FastAPI) -> dict:
     """FastAPI's schema without the 422 answers it adds to every route with a body: invalid input
-    is answered 400 with ModelsLab's error shape (``errors.install_error_handlers``), as /docs says."""
+    is answered 400 with ModelsLab's (or on /v1/, OpenAI's) error shape (``errors.install_error_handlers``),
+    as /docs says."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         for operations in schema.get("paths", {}).values():

@@ -15,6 +15,8 @@ from fluxserve.jobs.deliveries import WebhookDeliveries
 from fluxserve.jobs.tables import ApiKey
 from fluxserve.keys import KeyStore
 
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
 
 class WorkerControl(Protocol):
     """What the API may ask of whoever hosts the GPU worker (``fluxserve.supervisor``)."""
@@ -47,6 +49,8 @@ async def _presented_key(request: Request) -> str | None:
     auth = request.headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
         return auth[7:].strip()
+    if request.headers.get("content-type", "").startswith(FORM_TYPES):
+        return None  # a form (the OpenAI edits upload) carries no key, and FastAPI has read its body already
     try:
         body = await request.json()
     except ValueError:

@@ -11,7 +11,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from fluxserve.api.answers import expired_body, failure_body, processing_body, success_body
 from fluxserve.api.errors import ApiError
 from fluxserve.api.paths import Action, PathFamily
-from fluxserve.api.schemas import GenerationBody
+from fluxserve.api.schemas import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, GenerationBody
 from fluxserve.config import Settings
 from fluxserve.dependencies import Dependency, Health, transient_dependency
 from fluxserve.events import JobEvents
@@ -32,7 +32,7 @@ from fluxserve.jobs.tables import ApiKey, Job
 from fluxserve.loras import LoraCatalog, UnknownLora
 from fluxserve.metrics import Metrics
 from fluxserve.models import ModelSpec, Registry, UnknownModel, UnsuitableRequest
-from fluxserve.params import SEED_MAX, GenerationRequest, JobParams
+from fluxserve.params import SEED_MAX, GenerationRequest, ImageSource, JobParams, Upload
 from fluxserve.png_encoding import encode_png
 from fluxserve.storage.configs import StorageConfigs
 from fluxserve.storage.local import LocalStorage
@@ -40,6 +40,15 @@ from fluxserve.storage.local import LocalStorage
 POLL_SECONDS = 1.0  # fallback polling when the worker runs elsewhere
 RETRY_AFTER_SECONDS = 10  # what a 503 asks clients to wait
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """An input image decoded and kept under the data dir (``GenerationService._store_image``)."""
+
+    name: str  # the file under the inputs dir: the SHA-256 of its PNG
+    width: int
+    height: int
 
 
 @dataclass
@@ -81,21 +90,42 @@ class GenerationService:
 
     async def submit(self, key: ApiKey, request: GenerationRequest, *, deploy_type: str | None = None,
                      idempotency_key: str | None = None) -> JSONResponse:
-        """Queue the request as a job and answer it. With an idempotency key (the client's
-        ``Idempotency-Key`` header, or opt-in its ``track_id``), a request sent again gets the
-        first one's job instead of a new one (Stripe's rules: same key and same request: that
-        job's answer; same key, another request: 409)."""
+        """Queue the request (``enqueue``), then answer ModelsLab's way: its result if it is done
+        within the wait bound, else ``processing`` (at once with ``instant_response``). A request
+        sent again with the same idempotency key gets the first one's job and answer."""
+        job, replayed = await self.enqueue(key, request, deploy_type=deploy_type, idempotency_key=idempotency_key)
+        # the job is committed: from here on the answer never fails (the client would send it again)
+        try:
+            if not request.instant_response:
+                job = await self.wait_for(job.id, self.settings.sync_wait_seconds)
+            answer = await self._answer(job)
+        except Exception as exc:  # noqa: BLE001 - e.g. the database went away while waiting
+            if transient_dependency(exc) is None:
+                log.exception("answering job %s failed; answering processing", job.id)
+            answer = JSONResponse(processing_body(job, self.storage, self.settings.base_url, self._rough_eta(job)))
+        if replayed:
+            answer.headers["Idempotent-Replayed"] = "true"
+        return answer
+
+    async def enqueue(self, key: ApiKey, request: GenerationRequest, *, deploy_type: str | None = None,
+                      idempotency_key: str | None = None) -> tuple[Job, bool]:
+        """The request as a durable queued job (every API's requests become jobs here): the model
+        checked, the key's queue limit applied, the input images stored, the seeds drawn. With an
+        idempotency key (the client's ``Idempotency-Key`` header, or opt-in its ``track_id``), a
+        request sent again gets the first one's job instead of a new one, and ``True`` (Stripe's
+        rules: same key and same request: that job; same key, another request: 409)."""
         spec = self._model(request)
         idempotency = self._idempotency(request, deploy_type, idempotency_key)
         if idempotency is not None:
             earlier = await run_in_threadpool(self.jobs.idempotent_job, key.id, *idempotency)
             if earlier is not None:
-                return await self._replay(earlier, request)
+                return await self._earlier_job(earlier), True
         self._refuse_while_away(Dependency.DISK)
         await self._check_queue_limit(key)
-        inputs = [await self._store_image(url) for url in request.init_images]
-        input_2 = await self._store_image(request.init_image_2) if request.init_image_2 else None
-        mask = await self._store_image(request.mask_image, what="mask") if request.mask_image else None
+        inputs = [await self._store_image(source) for source in request.init_images]
+        input_2 = (await self._store_image(request.init_image_2)).name if request.init_image_2 else None
+        mask = (await self._store_image(request.mask_image, what="mask", mask=request.mask_convention)).name \
+            if request.mask_image else None
         params = self._resolve(request, spec, inputs, input_2, mask)
         params.base64_inline = request.base64 and self.settings.base64_inline
         if self.storage_configs is not None and not request.temp:  # temp: local, expiring, even with S3
@@ -111,19 +141,20 @@ class GenerationService:
                 idempotency=idempotency,
             )
         except IdempotencyConflict as twin:  # the same key sent concurrently: the other one won
-            return await self._replay(twin, request)
+            return await self._earlier_job(twin), True
         self.health.up(Dependency.DATABASE)  # it took the job: it is there
         self.metrics.jobs_submitted.labels(spec.name).inc()
         self.events.job_queued()
-        # the job is committed: from here on the answer never fails (the client would send it again)
-        try:
-            if request.instant_response:
-                return await self._answer(job)
-            return await self._wait_and_answer(job.id)
-        except Exception as exc:  # noqa: BLE001 - e.g. the database went away while waiting
-            if transient_dependency(exc) is None:
-                log.exception("answering job %s failed; answering processing", job.id)
-            return JSONResponse(processing_body(job, self.storage, self.settings.base_url, self._rough_eta(job)))
+        return job, False
+
+    async def _earlier_job(self, earlier: IdempotencyConflict) -> Job:
+        """The job an idempotency key already names, if this is the same request (else 409)."""
+        if not earlier.same_request:
+            raise ApiError(409, "Idempotency-Key was already used with a different request; use a new key",
+                           id=earlier.job_id)
+        job = await run_in_threadpool(self.jobs.get, earlier.job_id)
+        assert job is not None  # its idempotency key references it
+        return job
 
     def _idempotency(self, request: GenerationRequest, deploy_type: str | None,
                      header: str | None) -> tuple[str, str] | None:
@@ -135,21 +166,12 @@ class GenerationService:
             return None
         if len(value) > 255 or not value.isprintable() or not value.isascii():
             raise ApiError(400, "Idempotency-Key must be 1-255 printable ASCII characters")
-        canonical = json.dumps({"request": asdict(request), "deploy_type": deploy_type}, sort_keys=True, default=str)
+        # uploaded images count by their content (hashed), not as their bytes spelled out
+        images = {"init_images": [_fingerprint(source) for source in request.init_images],
+                  "mask_image": _fingerprint(request.mask_image) if request.mask_image else None}
+        fields = {**asdict(replace(request, init_images=[], mask_image=None)), **images}
+        canonical = json.dumps({"request": fields, "deploy_type": deploy_type}, sort_keys=True, default=str)
         return value, hashlib.sha256(canonical.encode()).hexdigest()
-
-    async def _replay(self, earlier: IdempotencyConflict, request: GenerationRequest) -> JSONResponse:
-        if not earlier.same_request:
-            raise ApiError(409, "Idempotency-Key was already used with a different request; use a new key",
-                           id=earlier.job_id)
-        if request.instant_response:
-            job = await run_in_threadpool(self.jobs.get, earlier.job_id)
-            assert job is not None  # its idempotency key references it
-            answer = await self._answer(job)
-        else:
-            answer = await self._wait_and_answer(earlier.job_id)
-        answer.headers["Idempotent-Replayed"] = "true"
-        return answer
 
     def _refuse_while_away(self, dependency: Dependency) -> None:
         """503 with a retry hint while ``dependency`` is away (the worker or this process found
@@ -191,16 +213,19 @@ class GenerationService:
                 retry_after=max(1, round(per_job * (queued - limit + 1))),
             )
 
-    async def _store_image(self, url: str, what: str = "init image") -> str:
-        """Fetch, decode and keep an input image under the data dir, so the job can be retried
-        after a crash without fetching again. Returns the stored file name. A mask is kept as its
-        luminance (white repaints, black keeps)."""
+    async def _store_image(self, source: ImageSource, what: str = "init image", mask: str | None = None) -> StoredImage:
+        """Fetch an input image (a URL) or take it (an upload), then decode it (format sniffing,
+        decompression bombs: ``images.decode_image``) and keep it under the data dir, so the job
+        can be retried after a crash without fetching again. A mask (``mask`` names its
+        convention, ``GenerationRequest.mask_convention``) is kept as white repaints, black keeps."""
+        if isinstance(source, Upload):
+            what = f"uploaded {what.removeprefix('init ')}"
         try:
-            data = await fetch_image_bytes(url, client=self.http, policy=self.settings.fetch_policy())
-            decoded = await run_in_threadpool(decode_image, data)
-            png = await run_in_threadpool(encode_png, _as_mask(decoded) if what == "mask" else decoded)
+            data = await self._image_bytes(source)
+            decoded = await run_in_threadpool(decode_image, data, keep_alpha=mask == "alpha")
+            png = await run_in_threadpool(encode_png, _as_mask(decoded, mask) if mask else decoded)
         except ImageInputError as exc:
-            message = str(exc).replace("the init image", f"the {what}") if what != "init image" else str(exc)
+            message = str(exc).replace("the init image", f"the {what}").replace("Init image", what.capitalize())
             raise ApiError(400, message) from None
         name = hashlib.sha256(png).hexdigest() + ".png"
         path = self.inputs.root / name
@@ -216,22 +241,36 @@ class GenerationService:
             raise ApiError(503, "Service temporarily unavailable", retry_after=RETRY_AFTER_SECONDS,
                            reason="disk unavailable: the input image could not be stored") from None
         self.health.up(Dependency.DISK)
-        return name
+        return StoredImage(name, *decoded.size)
+
+    async def _image_bytes(self, source: ImageSource) -> bytes:
+        """An input's bytes, under the same size cap whether fetched or uploaded."""
+        policy = self.settings.fetch_policy()
+        if not isinstance(source, Upload):
+            return await fetch_image_bytes(source, client=self.http, policy=policy)
+        if len(source.data) > policy.max_bytes:
+            raise ImageInputError(f"Init image too large: larger than {policy.max_bytes} bytes")
+        return source.data
 
     @staticmethod
-    def _resolve(request: GenerationRequest, spec: ModelSpec, inputs: list[str], input_2: str | None,
+    def _resolve(request: GenerationRequest, spec: ModelSpec, inputs: list[StoredImage], input_2: str | None,
                  mask: str | None) -> JobParams:
         base_seed = request.seed if request.seed is not None else secrets.randbelow(SEED_MAX + 1)
         img2img = request.task != "text2img"  # image-to-image and inpainting start from an image
+        if request.width is not None and request.height is not None:
+            width, height = request.width, request.height
+        else:  # the first image's size (text to image: 512²)
+            width, height = fit_size(inputs[0].width, inputs[0].height) if inputs else (512, 512)
         return JobParams(
             model=spec.name, task=request.task, prompt=request.prompt, negative_prompt=request.negative_prompt,
-            width=request.width, height=request.height,
+            width=width, height=height,
             seeds=[(base_seed + i) % (SEED_MAX + 1) for i in range(request.samples)],
             steps=request.steps or spec.steps,
             guidance=spec.guidance if request.guidance is None else request.guidance,
             strength=(spec.strength if request.strength is None else request.strength) if img2img else None,
             true_cfg_scale=request.true_cfg_scale or spec.true_cfg_scale,
-            inputs=inputs, input_2=input_2, safety_checker=request.safety_checker, base64=request.base64,
+            inputs=[image.name for image in inputs], input_2=input_2, safety_checker=request.safety_checker,
+            base64=request.base64,
             enhance_prompt=bool(request.enhance_prompt), mask=mask,
             loras=list(request.loras), lora_strengths=list(request.lora_strengths),
         )
@@ -275,11 +314,12 @@ class GenerationService:
             meta["lora_strength"] = list(params.lora_strengths)
         if request.task != "text2img":
             meta["strength"] = params.strength
-            meta["init_image"] = request.init_images[0] if len(request.init_images) == 1 else request.init_images
+            sources = [str(source) for source in request.init_images]  # URLs, or "upload:<file name>"
+            meta["init_image"] = sources[0] if len(sources) == 1 else sources
             if request.init_image_2:
                 meta["init_image_2"] = request.init_image_2
             if request.mask_image:
-                meta["mask_image"] = request.mask_image
+                meta["mask_image"] = str(request.mask_image)
         return meta
 
     # -- answering ----------------------------------------------------------------------------
@@ -301,14 +341,15 @@ class GenerationService:
         assert current is not None  # found just above, and jobs are never deleted
         raise ApiError(409, f"Request {current.id} is {current.status}; only queued requests can be cancelled", id=current.id)
 
-    async def _wait_and_answer(self, job_id: int) -> JSONResponse:
-        deadline = time.monotonic() + self.settings.sync_wait_seconds
+    async def wait_for(self, job_id: int, seconds: float) -> Job:
+        """The job once it is finished (succeeded, failed, cancelled), or as it is after ``seconds``."""
+        deadline = time.monotonic() + seconds
         while True:
             job = await run_in_threadpool(self.jobs.get, job_id)
             assert job is not None  # this request just created it, and jobs are never deleted
             remaining = deadline - time.monotonic()
             if JobStatus(job.status).is_terminal or remaining <= 0:
-                return await self._answer(job)
+                return job
             await self.events.wait(job_id, min(remaining, POLL_SECONDS))
 
     async def _answer(self, job: Job) -> JSONResponse:
@@ -336,6 +377,27 @@ class GenerationService:
         return round((self.jobs.jobs_ahead(job.id) + 1) * per_job, 2)
 
 
-def _as_mask(image):
-    """A mask's luminance: white (255) repaints, black (0) keeps."""
-    return image.convert("L")
+def _as_mask(image, convention: str):
+    """A mask as the engine reads it, white (255) repaints and black (0) keeps: its luminance, or
+    (OpenAI's convention) white where it is fully transparent and black elsewhere."""
+    if convention != "alpha":
+        return image.convert("L")
+    if "A" not in image.getbands():
+        raise ImageInputError("The mask has no transparency: its fully transparent pixels (alpha 0) mark where to edit")
+    return image.getchannel("A").point(lambda alpha: 255 if alpha == 0 else 0)
+
+
+def _fingerprint(source: ImageSource) -> str:
+    """An input image as an idempotency hash counts it: a URL as sent, an upload by its content."""
+    return f"upload:sha256:{hashlib.sha256(source.data).hexdigest()}" if isinstance(source, Upload) else source
+
+
+def fit_size(width: int, height: int) -> tuple[int, int]:
+    """A size within the service's limits with the aspect of ``width`` x ``height`` (as far as
+    the limits allow): scaled down to fit, up to reach the smallest side, rounded to the multiple."""
+    scale = max(min(1.0, MAX_SIDE / max(width, height)), MIN_SIDE / min(width, height))
+
+    def side(value: int) -> int:
+        return min(MAX_SIDE, max(MIN_SIDE, round(value * scale / SIDE_MULTIPLE) * SIDE_MULTIPLE))
+
+    return side(width), side(height)

@@ -14,15 +14,17 @@ from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fluxserve.api.errors import ApiError, retry_headers
+from fluxserve.api.errors import OPENAI_PREFIX, ApiError, render_error
 
 
-async def _send_error(send: Send, status: int, message: str, **extra) -> None:
-    body = json.dumps({"status": "error", "message": message, **extra}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close")]
-    headers += [(name.lower().encode(), value.encode()) for name, value in retry_headers(extra.get("retry_after")).items()]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+async def _send_error(scope: Scope, send: Send, status: int, message: str, **details) -> None:
+    """A refusal before the app runs, in the shape of the API the path belongs to (``errors``)."""
+    answer, headers = render_error(scope["path"], status, message, **details)
+    body = json.dumps(answer).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]
+                + [(name.lower().encode(), value.encode()) for name, value in headers.items()]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -39,7 +41,7 @@ class BodyLimitMiddleware:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await _send_error(send, 413, f"Request body too large (at most {self.max_bytes} bytes)")
+            await _send_error(scope, send, 413, f"Request body too large (at most {self.max_bytes} bytes)")
             return
         chunks, size = [], 0
         deadline = time.monotonic() + self.timeout
@@ -47,14 +49,14 @@ class BodyLimitMiddleware:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                await _send_error(send, 408, f"Request body not received within {self.timeout:g} seconds")
+                await _send_error(scope, send, 408, f"Request body not received within {self.timeout:g} seconds")
                 return
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await _send_error(send, 413, f"Request body too large (at most {self.max_bytes} bytes)")
+                await _send_error(scope, send, 413, f"Request body too large (at most {self.max_bytes} bytes)")
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -92,18 +94,19 @@ class RateLimits:
 
 
 class AddressRateLimitMiddleware:
-    """Counts every /api/ request by client address, before authentication (so guessing keys
-    is throttled too)."""
+    """Counts every /api/ and /v1/ request by client address, before authentication (so guessing
+    keys is throttled too)."""
 
     def __init__(self, app: ASGIApp, limits: RateLimits):
         self.app, self.limits = app, limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/api/"):
+        if scope["type"] == "http" and scope["path"].startswith(("/api/", OPENAI_PREFIX)):
             client = scope.get("client")
             try:
                 self.limits.check_address(client[0] if client else "unknown")
             except ApiError as exc:
-                await _send_error(send, exc.status_code, exc.message, **exc.extra)
+                await _send_error(scope, send, exc.status_code, exc.message, param=exc.param, code=exc.code,
+                                  headers=exc.headers, **exc.extra)
                 return
         await self.app(scope, receive, send)

@@ -104,6 +104,11 @@ PATH_FAMILIES: tuple[PathFamily, ...] = (
 FETCH_ALIASES = (f"{V6}/fetch/{{id}}", f"{V6}/image_editing/fetch/{{id}}")
 FETCH_BY_BODY = (f"{V6}/images/fetch", f"{ENTERPRISE}/fetch")
 
+#: The OpenAI Images API (``api.openai``, ``/v1/``): the server name its jobs record, and the model
+#: used when a request names none (it does text to image, editing with 1-4 images and inpainting).
+OPENAI_SERVER = "openai"
+OPENAI_DEFAULT_MODEL = "flux-klein"
+
 BY_SERVER = {family.server: family for family in PATH_FAMILIES}
 ADMIN_SERVERS = tuple(family.admin_name for family in PATH_FAMILIES if family.admin)
 
@@ -127,6 +132,9 @@ def _check_table() -> None:
                 spec = DEFAULT_REGISTRY.get(model)
                 assert spec is not None, f"{family.prefix}/{action.name}: unknown model {model}"
                 assert spec.supports(action.task), f"{family.prefix}/{action.name}: {model} can't {action.task.value}"
+    assert OPENAI_SERVER not in servers, "the OpenAI API's server name is taken"
+    openai_default = DEFAULT_REGISTRY.get(OPENAI_DEFAULT_MODEL)
+    assert openai_default is not None and all(openai_default.supports(task) for task in Task), "OpenAI default model"
 
 
 _check_table()
