@@ -180,3 +180,9 @@ def test_the_health_check_needs_only_the_standard_library():
     result = subprocess.run([sys.executable, "-I", str(HEALTHCHECK)], capture_output=True, text=True, timeout=30,
                             env={"FLUXSERVE_PORT": str(closed_port()), "FLUXSERVE_WORKER_PORT": str(closed_port())})
     assert result.returncode == 1 and "nothing answers" in result.stdout
+
+
+def test_the_readme_names_the_base_and_torch_built():
+    readme = (DEPLOY / "README.md").read_text()
+    assert f"Base `{arg_default('CUDA_IMAGE')}`" in readme
+    assert f"`torch=={arg_default('TORCH_VERSION')}`" in readme

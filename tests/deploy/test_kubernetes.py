@@ -326,3 +326,10 @@ def test_scale_down_is_gradual_and_the_metric_is_the_worker_count(example):
         # the query returns the number of workers wanted; AverageValue 1 makes it the replica count
         assert metadata["targetQueryValue"] == "1" and scaled["spec"]["triggers"][0].get("metricType", "AverageValue") == "AverageValue"
         assert math.isclose(float(metadata["activationTargetQueryValue"]), 0.0)
+
+
+def test_the_readme_shows_the_query_that_is_deployed(example):
+    readme = (Path(__file__).parents[2] / "deploy" / "README.md").read_text()
+    (shown,) = re.findall(r"```sql\n(.*?)```", readme, flags=re.S)
+    deployed = by_kind(example, "ScaledObject")["worker-klein"]["spec"]["triggers"][0]["metadata"]["query"]
+    assert " ".join(shown.split()) == " ".join(deployed.split())
