@@ -33,7 +33,7 @@ test: setup-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup-test   # style (ruff), types (mypy over src/), layering (import-linter contracts in pyproject.toml)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench deploy
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
