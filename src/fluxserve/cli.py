@@ -68,21 +68,22 @@ def serve(
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
 ) -> None:
-    """Run the API server with its GPU worker (embedded default: SQLite + local disk)."""
+    """Run the API server with its GPU worker (embedded default: SQLite + local disk). SIGTERM
+    or Ctrl+C stops it gracefully (no new jobs; the running one gets FLUXSERVE_SHUTDOWN_GRACE_SECONDS
+    to finish, else goes back to the queue); a second one stops it at once."""
     flags = dict(host=host, port=port, models=models, data_dir=data_dir, database_url=database_url,
                  public_base_url=public_base_url, worker=worker)
     settings = _settings(env_file, **flags)  # first: a refused setting starts nothing
 
-    import uvicorn
-
     from fluxserve.runtime import build_server_app
+    from fluxserve.serving import run_server
 
     configure_logging(log_level, settings.log_format)
     # update_server reports a refused setting itself (400, nothing changed)
     app_ = build_server_app(settings, reload_settings=lambda: _load_settings(env_file, **flags))
     if not _key_store(settings.data_dir, settings.database_url).list():
         logging.getLogger("fluxserve").warning("no API keys yet: create one with `fluxserve keys create NAME`")
-    uvicorn.run(app_, host=settings.host, port=settings.port, log_level=log_level)
+    run_server(app_, settings, log_level)  # SIGTERM/SIGINT: a graceful stop (see fluxserve.serving)
 
 
 @keys_app.command("create")

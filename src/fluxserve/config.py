@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     )
     lease_seconds: float = Field(15.0, gt=0, description="A running job whose worker is silent this long is retried.")
     heartbeat_seconds: float = Field(2.0, gt=0, description="How often a worker confirms it is alive.")
+    shutdown_grace_seconds: float = Field(
+        30.0, ge=0, description="On SIGTERM/SIGINT, how long the worker may spend finishing the job (or batch) in hand "
+        "before it goes back to the queue.")
     max_queued_per_key: int = Field(10, ge=1, description="Queued jobs per key before new ones get 429.")
     retention_seconds: float = Field(86400.0, gt=0, description="Local images are deleted this long after they are made.")
     janitor_interval_seconds: float = Field(60.0, gt=0, description="How often expired files are looked for.")

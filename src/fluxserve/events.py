@@ -1,6 +1,7 @@
 """In-process signalling between the API (asyncio) and the worker (threads): "a job was
-queued" wakes the worker, "job N finished" wakes the requests waiting for it. Only a
-latency optimisation: both sides also poll the store, which stays the source of truth."""
+queued" wakes the worker, "job N finished" wakes the requests waiting for it, "the server is
+stopping" wakes them all. Only a latency optimisation: both sides also poll the store, which
+stays the source of truth."""
 
 from __future__ import annotations
 
@@ -15,6 +16,15 @@ class JobEvents:
         self._lock = threading.Lock()
         self._waiters: dict[int, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = defaultdict(set)
         self.wake_worker: Callable[[], None] = lambda: None  # set by whoever hosts the worker
+        self.closing = threading.Event()  # the server is stopping: waits end now, progress streams close
+
+    def shutdown(self) -> None:
+        """The server is stopping: wake every waiting request (and make later waits return at
+        once), so that they answer now instead of holding the shutdown up."""
+        self.closing.set()
+        with self._lock:
+            waiters = [entry for entries in self._waiters.values() for entry in entries]
+        self._wake(waiters)
 
     def job_queued(self) -> None:
         self.wake_worker()
@@ -22,6 +32,10 @@ class JobEvents:
     def job_changed(self, job_id: int) -> None:
         with self._lock:
             waiters = list(self._waiters.get(job_id, ()))
+        self._wake(waiters)
+
+    @staticmethod
+    def _wake(waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]) -> None:
         for loop, event in waiters:
             try:
                 loop.call_soon_threadsafe(event.set)
@@ -29,7 +43,10 @@ class JobEvents:
                 pass
 
     async def wait(self, job_id: int, timeout: float) -> None:
-        """Return when job ``job_id`` changes or ``timeout`` passes, whichever is first."""
+        """Return when job ``job_id`` changes or ``timeout`` passes, whichever is first (at once
+        while the server is closing)."""
+        if self.closing.is_set():
+            return
         entry = (asyncio.get_running_loop(), asyncio.Event())
         with self._lock:
             self._waiters[job_id].add(entry)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+
 from fastapi import FastAPI
 
 from fluxserve.api.app import create_app
 from fluxserve.config import Settings
 from fluxserve.events import JobEvents
 from fluxserve.models import Registry
+
+log = logging.getLogger(__name__)
 
 
 def build_registry(settings: Settings, *, build_tiny: bool = True) -> Registry:
@@ -47,7 +52,7 @@ def build_enhancer(settings: Settings):
     return PromptEnhancer(openai=remote, local=local)
 
 
-def build_worker(settings: Settings, *, sink=None, commands=None):
+def build_worker(settings: Settings, *, sink=None, commands=None, stop_requested=None):
     """A worker for these settings (thread or child process: see ``supervisor``)."""
     from fluxserve.engine.loading import PipelineCache, pick_device
     from fluxserve.engine.lora import Adapters
@@ -75,13 +80,14 @@ def build_worker(settings: Settings, *, sink=None, commands=None):
         outputs=LocalStorage(settings.outputs_dir, settings.base_url),
         inputs=LocalStorage(settings.inputs_dir, settings.base_url),
         config=WorkerConfig.from_settings(settings), storage_configs=build_storage(settings, sessions),
-        enhancer=build_enhancer(settings), sink=sink, commands=commands,
+        enhancer=build_enhancer(settings), sink=sink, commands=commands, stop_requested=stop_requested,
     )
 
 
 def build_server_app(settings: Settings, reload_settings=None) -> FastAPI:
     """The API, with the worker (thread or child process), the webhook dispatcher and the
-    retention janitor started and stopped with the app."""
+    retention janitor started and stopped with the app (``ServerLifecycle``, also kept as
+    ``app.state.lifecycle`` for the signal handling of ``fluxserve.serving``)."""
     from fluxserve.jobs.database import open_database
     from fluxserve.jobs.store import JobStore
     from fluxserve.metrics import Metrics
@@ -94,23 +100,57 @@ def build_server_app(settings: Settings, reload_settings=None) -> FastAPI:
     host_class = ProcessWorkerHost if settings.worker == "process" else ThreadWorkerHost
     host = host_class(settings, WorkerLink(events, metrics), jobs)
     events.wake_worker = host.wake
-    background = _background_services(settings, sessions, jobs, metrics)
-
-    def start() -> None:
-        host.start()
-        for service in background:
-            service.start()
-
-    def stop() -> None:
-        for service in background:
-            service.stop()
-        host.stop()
-
-    return create_app(
+    lifecycle = ServerLifecycle(host, events, _background_services(settings, sessions, jobs, metrics),
+                                settings.shutdown_grace_seconds)
+    app = create_app(
         settings, registry, events=events, metrics=metrics, host=host, storage_configs=build_storage(settings, sessions),
         sessions=sessions,
-        reload_settings=reload_settings or (lambda: settings), on_startup=start, on_shutdown=stop,
+        reload_settings=reload_settings or (lambda: settings), on_startup=lifecycle.start, on_shutdown=lifecycle.stop,
     )
+    app.state.lifecycle = lifecycle
+    return app
+
+
+class ServerLifecycle:
+    """What runs beside the API: the worker host and the background services. ``begin_stop``
+    (the first SIGTERM/SIGINT, before uvicorn drains its connections) stops the worker claiming
+    and ends waiting requests and progress streams; ``stop`` (the app's shutdown) waits for the
+    worker, bounded by the grace period, then stops the services; ``force_stop`` (a second
+    signal) puts the running jobs back in the queue at once."""
+
+    BACKGROUND_STOP_SECONDS = 3.0  # a webhook POST cut short stays pending and is sent after the restart
+
+    def __init__(self, host, events: JobEvents, background: list, grace_seconds: float):
+        self.host, self.events, self.background, self.grace_seconds = host, events, background, grace_seconds
+        self._lock = threading.Lock()
+        self._stopping = False
+
+    def start(self) -> None:
+        self.host.start()
+        for service in self.background:
+            service.start()
+
+    def begin_stop(self) -> None:
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+        log.info("stopping: no new jobs are claimed; the job in hand has up to %.0fs to finish "
+                 "(a second SIGTERM/SIGINT stops at once)", self.grace_seconds)
+        self.events.shutdown()  # waiting requests answer now, progress streams send their last event
+        self.host.begin_stop()
+
+    def stop(self) -> None:
+        self.begin_stop()  # if no signal did (e.g. a test server told to exit)
+        self.host.stop()
+        log.info("worker stopped")
+        for service in self.background:  # after the worker: its last jobs' webhooks may still go out
+            service.stop(timeout=self.BACKGROUND_STOP_SECONDS)
+        log.info("background services stopped")
+
+    def force_stop(self) -> None:
+        self.events.shutdown()
+        self.host.force_stop()
 
 
 def _background_services(settings: Settings, sessions, jobs, metrics) -> list:

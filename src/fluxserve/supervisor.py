@@ -1,14 +1,21 @@
 """Hosting the GPU worker: in a thread of the server, or in a child process that the server
 restarts when it dies, so that a CUDA crash or a hard out-of-memory kills one job attempt,
 not the API. Either way the worker reports through ``WorkerLink``, which lives in the server
-process: it wakes waiting requests, feeds metrics and keeps the worker's last status."""
+process: it wakes waiting requests, feeds metrics and keeps the worker's last status.
+
+Stopping (``begin_stop``, then ``stop``): the worker stops claiming at once and gets
+``shutdown_grace_seconds`` to finish the job in hand (then puts it back in the queue itself);
+a worker still busy STOP_SLACK_SECONDS past that is left (thread) or killed (process), and the
+jobs it still ran go back to the queue. ``force_stop`` (a second signal) does that at once."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import os
 import queue
+import signal
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -18,15 +25,19 @@ from fluxserve.events import JobEvents
 from fluxserve.jobs.store import JobStore
 from fluxserve.logs import configure as configure_logging
 from fluxserve.metrics import Metrics
+from fluxserve.signals import STOP_SIGNALS, OnSignal, exit_now
+from fluxserve.worker.loop import FINISH_AFTER_GRACE_SECONDS
 from fluxserve.worker.messages import Command, JobFinished, JobStarted, Outcome, Report, StatusReport
 
 if TYPE_CHECKING:
     from multiprocessing.context import SpawnProcess
     from multiprocessing.queues import Queue as ProcessQueue
+    from multiprocessing.synchronize import Event as ProcessEvent
 
     from fluxserve.worker.loop import Worker
 
 log = logging.getLogger(__name__)
+STOP_SLACK_SECONDS = FINISH_AFTER_GRACE_SECONDS + 5.0  # past the grace period: the worker's jobs are taken back
 
 
 class WorkerLink:
@@ -54,6 +65,24 @@ class WorkerLink:
             self.metrics.set_gpu_memory(report.gpu_memory)
 
 
+def _put_back(jobs: JobStore, link: WorkerLink) -> list[int]:
+    """The jobs a stopped worker was still running go back to the queue at once (the attempt
+    not counted), so that the next start or another server takes them without waiting out a
+    lease. Best effort: a job it can't put back is recovered after its lease."""
+    running, link.running = link.running, {}
+    released = []
+    for job_id, token in running.items():
+        try:
+            if jobs.release(job_id, token, 0.0, waited=False):
+                released.append(job_id)
+        except Exception:  # noqa: BLE001 - e.g. the database is away: the lease brings it back
+            log.warning("could not put job %s back in the queue; its lease will", job_id, exc_info=True)
+        link.events.job_changed(job_id)
+    if released:
+        log.warning("jobs %s went back to the queue: the worker stopped before finishing them", released)
+    return released
+
+
 class _QueueSink:
     """The child process's end: reports travel to the server over a multiprocessing queue."""
 
@@ -73,6 +102,7 @@ class ThreadWorkerHost:
         self.settings, self.link, self.jobs = settings, link, jobs
         self.commands: queue.Queue[Command] = queue.Queue()
         self.worker: Worker | None = None
+        self._stop_deadline: float | None = None
 
     def start(self) -> None:
         from fluxserve.runtime import build_worker
@@ -80,9 +110,28 @@ class ThreadWorkerHost:
         self.worker = build_worker(self.settings, sink=self.link, commands=self.commands)
         self.worker.start()
 
-    def stop(self) -> None:
+    def begin_stop(self) -> None:
+        """Stop claiming now; the job in hand gets the grace period. Returns at once."""
+        grace = self.settings.shutdown_grace_seconds
+        if self._stop_deadline is None:
+            self._stop_deadline = time.monotonic() + grace + STOP_SLACK_SECONDS
         if self.worker is not None:
-            self.worker.stop()
+            self.worker.request_stop(grace)
+
+    def stop(self) -> None:
+        """``begin_stop``, then wait for the worker; what it still runs past the deadline goes
+        back to the queue (the thread, a daemon, is left to the process's exit)."""
+        self.begin_stop()
+        assert self._stop_deadline is not None  # set by begin_stop
+        worker = self.worker
+        if worker is not None and not worker.join(max(0.0, self._stop_deadline - time.monotonic())):
+            log.warning("the worker did not stop within the grace period")
+        _put_back(self.jobs, self.link)
+        self._stop_deadline = None  # a restart starts a fresh worker
+
+    def force_stop(self) -> None:
+        """A second signal: the jobs being run go back to the queue now (the process exits next)."""
+        _put_back(self.jobs, self.link)
 
     def wake(self) -> None:
         self.commands.put(Command.WAKE)
@@ -104,22 +153,50 @@ class ThreadWorkerHost:
         return {"mode": self.mode, "alive": alive, "pid": os.getpid(), "restarts": 0}
 
 
-def _child_main(settings_data: dict[str, Any], reports: Any, commands: Any, parent_pid: int) -> None:
-    """Entry point of the worker process."""
+def _child_main(settings_data: dict[str, Any], reports: Any, commands: Any, parent_pid: int,
+                stop: Any = None) -> None:
+    """Entry point of the worker process. It stops (gracefully: ``Worker.request_stop``) when the
+    server sets ``stop`` or when a SIGTERM/SIGINT reaches it directly (Ctrl+C signals the whole
+    process group, systemd the whole cgroup); a second signal puts its jobs back and exits."""
     settings = Settings(**settings_data)
     configure_logging(logging.INFO, settings.log_format)
+    built: list[Worker] = []
+    signalled = threading.Event()
+    release = OnSignal("fluxserve-worker-release", lambda: built and built[0].release_held())
+    signals = 0
 
-    def exit_with_parent() -> None:  # never outlive the server (e.g. after kill -9 of the server)
+    def on_signal(signum: int, _frame: Any) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            signalled.set()  # only an event: see fluxserve.signals
+        else:
+            exit_now(128 + signum, release)
+
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, on_signal)
+
+    def stop_requested() -> bool:
+        return signalled.is_set() or (stop is not None and stop.is_set())
+
+    def watch() -> None:
+        """Never outlive the server (e.g. after kill -9 of the server); pass a stop on to the
+        worker at once, even while it generates (its loop looks only between jobs)."""
         while True:
             if os.getppid() != parent_pid:
                 os._exit(70)
-            time.sleep(0.5)
+            if built and stop_requested():
+                built[0].request_stop()  # the first call counts; the grace period starts now
+            time.sleep(0.1)
 
-    threading.Thread(target=exit_with_parent, daemon=True).start()
+    threading.Thread(target=watch, name="fluxserve-worker-watch", daemon=True).start()
     from fluxserve.runtime import build_worker
 
-    worker = build_worker(settings, sink=_QueueSink(reports), commands=commands)
-    worker.run()
+    built.append(build_worker(settings, sink=_QueueSink(reports), commands=commands, stop_requested=stop_requested))
+    built[0].run()
+    # stopped: the interpreter's teardown would garbage-collect every object torch and the
+    # pipelines made (seconds on a busy CPU) for nothing; the report queue is still flushed
+    gc.freeze()
 
 
 class ProcessWorkerHost:
@@ -132,9 +209,11 @@ class ProcessWorkerHost:
         self.settings, self.link, self.jobs = settings, link, jobs
         self._context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         self._process: SpawnProcess | None = None
-        self._reports: ProcessQueue[Report] | None = None  # these two are set (with the process) by _spawn
+        self._reports: ProcessQueue[Report] | None = None  # these three are set (with the process) by _spawn
         self._commands: ProcessQueue[Command] | None = None
+        self._stop_event: ProcessEvent | None = None  # tells the child to stop (see _child_main)
         self._stopping = threading.Event()
+        self._stop_deadline: float | None = None
         self._monitor: threading.Thread | None = None
         self._lock = threading.Lock()
         self.restarts = 0
@@ -149,21 +228,56 @@ class ProcessWorkerHost:
 
     def _spawn(self) -> None:
         with self._lock:
+            if self._stopping.is_set():  # e.g. a planned restart overtaken by a shutdown
+                return
             self._reports = self._context.Queue()
             self._commands = self._context.Queue()
+            self._stop_event = self._context.Event()
             self._process = self._context.Process(
                 target=_child_main, name="fluxserve-worker",
-                args=(self.settings.model_dump(mode="json"), self._reports, self._commands, os.getpid()),
+                args=(self.settings.model_dump(mode="json"), self._reports, self._commands, os.getpid(),
+                      self._stop_event),
                 daemon=True,
             )
             self._process.start()
             log.info("worker process started (pid %s)", self._process.pid)
 
-    def stop(self, timeout: float = 60.0) -> None:
-        self._stopping.set()
-        self._stop_process(timeout)
+    def begin_stop(self) -> None:
+        """Tell the worker process to stop claiming now (it gets the grace period for the job in
+        hand), and restart it no more. Returns at once."""
+        with self._lock:
+            if self._stop_deadline is None:
+                self._stop_deadline = time.monotonic() + self.settings.shutdown_grace_seconds + STOP_SLACK_SECONDS
+            self._stopping.set()
+            if self._stop_event is not None:
+                self._stop_event.set()
+
+    def stop(self) -> None:
+        """``begin_stop``, then wait for the worker process to exit; one still running past the
+        deadline is killed. Either way the jobs it still ran go back to the queue."""
+        self.begin_stop()
+        assert self._stop_deadline is not None  # set by begin_stop
+        process = self._process
+        if process is not None:
+            process.join(max(0.0, self._stop_deadline - time.monotonic()))
+            if process.is_alive():
+                log.warning("worker process did not stop within the grace period; killing it")
+                process.kill()
+                process.join(5)
         if self._monitor is not None:
-            self._monitor.join(5)
+            self._monitor.join(5)  # it relays the reports until the process is gone
+        self._drain_reports()
+        _put_back(self.jobs, self.link)
+
+    def force_stop(self) -> None:
+        """A second signal: kill the worker process now and put the jobs it ran back in the queue."""
+        self._stopping.set()
+        process = self._process
+        if process is not None and process.is_alive():
+            process.kill()
+            process.join(2)
+        self._drain_reports()  # best effort: the monitor may be holding one
+        _put_back(self.jobs, self.link)
 
     def _stop_process(self, timeout: float) -> None:
         process = self._process
@@ -213,11 +327,16 @@ class ProcessWorkerHost:
 
     # -- monitoring -----------------------------------------------------------------------------
     def _watch(self) -> None:
-        while not self._stopping.is_set():
+        """Relay the worker's reports; handle its death. While stopping, relay until it is gone
+        (its last jobs finish meanwhile)."""
+        while True:
             self._relay_reports()
             process = self._process
-            if process is not None and not process.is_alive() and not self._planned_restart and not self._stopping.is_set():
-                self._on_death(process)
+            if process is None or process.is_alive() or self._planned_restart:
+                continue
+            if self._stopping.is_set():
+                return
+            self._on_death(process)
 
     def _relay_reports(self) -> None:
         assert self._reports is not None  # the monitor starts after the first _spawn
@@ -230,14 +349,26 @@ class ProcessWorkerHost:
         except Exception:  # noqa: BLE001
             log.exception("handling worker report %r failed", report)
 
-    def _on_death(self, process) -> None:
-        log.error("worker process %s died (exit code %s)", process.pid, process.exitcode)
-        assert self._reports is not None  # spawned with the process
-        while True:  # reports sent just before dying still count
+    def _drain_reports(self) -> None:
+        """Relay the reports still queued (those sent just before the worker exited count)."""
+        if self._reports is None:
+            return
+        while True:
             try:
-                self.link.report(self._reports.get_nowait())
+                report = self._reports.get_nowait()
             except (queue.Empty, OSError, EOFError, ValueError):
-                break
+                return
+            try:
+                self.link.report(report)
+            except Exception:  # noqa: BLE001
+                log.exception("handling worker report %r failed", report)
+
+    def _on_death(self, process) -> None:
+        if process.exitcode == 0:  # it stopped on a signal of its own (its jobs went back to the queue)
+            log.warning("worker process %s stopped (exit code 0); starting a new one", process.pid)
+        else:
+            log.error("worker process %s died (exit code %s)", process.pid, process.exitcode)
+        self._drain_reports()
         running, self.link.running = self.link.running, {}
         for job_id, token in running.items():
             outcome = self.jobs.recover(job_id, token, self.settings.max_job_attempts)

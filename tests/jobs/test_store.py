@@ -751,3 +751,19 @@ def test_a_worker_group_claims_only_its_models(store, key_id):
     assert store.claim_next(models=["flux-klein", "realtime"]).id == klein
     assert store.claim_next(models=["flux-klein", "realtime"]) is None
     assert store.claim_next().id == flux
+
+
+def test_release_puts_a_running_job_back_uncounted_and_a_stop_is_no_wait(store, key_id):
+    """``release``: queued again, the attempt not counted; ``waited`` (a dependency's outage)
+    grows the backoff, a worker's stop (``waited=False``) does not; only the live claim may."""
+    job = add_job(store, key_id)
+    claimed = store.claim_next()
+    assert not store.release(job.id, "not-the-token", 0.0)
+    assert store.release(job.id, claimed.claim_token, 0.0, waited=False)
+    row = store.get(job.id)
+    assert (row.status, row.attempts, row.waits, row.claim_token) == ("queued", 0, 0, None)
+    assert store.claim_next().id == job.id  # no delay: claimable at once
+    again = store.get(job.id)
+    assert store.release(job.id, again.claim_token, 0.0)
+    assert store.get(job.id).waits == 1
+    assert not store.release(job.id, again.claim_token, 0.0)  # not running any more

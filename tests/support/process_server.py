@@ -1,5 +1,6 @@
 """A real ``fluxserve serve`` in a subprocess (worker in its own child process), which tests and
-the reliability benchmark kill -9 and start again on the same data directory."""
+the reliability benchmark kill -9 (or stop with SIGTERM) and start again on the same data
+directory."""
 
 from __future__ import annotations
 
@@ -85,6 +86,27 @@ class ServerProcess:
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and _alive(worker):
                 time.sleep(0.1)
+
+    def signal(self, signum: int = signal.SIGTERM) -> float:
+        """Send ``signum`` to the server (not waiting); returns when it was sent (time.monotonic)."""
+        assert self.process is not None, "not started"
+        self.process.send_signal(signum)
+        return time.monotonic()
+
+    def terminate(self, timeout: float = 120.0) -> tuple[int, float]:
+        """SIGTERM, then wait for the server to exit: (its exit status, seconds it took)."""
+        sent = self.signal(signal.SIGTERM)
+        return self.wait(timeout), time.monotonic() - sent
+
+    def wait(self, timeout: float = 120.0) -> int:
+        """The server's exit status once it has exited (kill -9 after ``timeout``, and fail)."""
+        assert self.process is not None, "not started"
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+            raise AssertionError(f"server did not exit within {timeout:.0f}s: {self.log()}") from None
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

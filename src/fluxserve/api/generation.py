@@ -348,8 +348,8 @@ class GenerationService:
             job = await run_in_threadpool(self.jobs.get, job_id)
             assert job is not None  # this request just created it, and jobs are never deleted
             remaining = deadline - time.monotonic()
-            if JobStatus(job.status).is_terminal or remaining <= 0:
-                return job
+            if JobStatus(job.status).is_terminal or remaining <= 0 or self.events.closing.is_set():
+                return job  # a server that is stopping answers processing now
             await self.events.wait(job_id, min(remaining, POLL_SECONDS))
 
     async def _answer(self, job: Job) -> JSONResponse:

@@ -9,3 +9,8 @@ class ModelLoadError(RuntimeError):
 
 class JobAborted(RuntimeError):
     """Raised from the step callback to stop a generation whose job is no longer ours."""
+
+
+class JobInterrupted(RuntimeError):
+    """Raised from the step callback when the worker is stopping and its grace period has run
+    out: the job goes back to the queue (it is not the job's failure)."""

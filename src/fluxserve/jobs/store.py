@@ -265,15 +265,17 @@ class JobStore:
             expires_at=expires_at, output_urls=output_urls,
         )
 
-    def release(self, job_id: int, token: str, delay_seconds: float) -> bool:
+    def release(self, job_id: int, token: str, delay_seconds: float, *, waited: bool = True) -> bool:
         """Put a running job back in the queue because a dependency it needs is away (not the
-        job's fault): it is claimed again after ``delay_seconds``, this attempt does not count
-        against ``max_job_attempts``, and nothing is recorded as failed. False: not ours."""
+        job's fault), or because its worker is stopping: it is claimed again after
+        ``delay_seconds``, this attempt does not count against ``max_job_attempts``, and nothing
+        is recorded as failed. ``waited`` counts the release in ``waits`` (the backoff of a
+        dependency's outage; a stop is none). False: not ours."""
         with self._sessions.begin() as session:
             return bool(rowcount(session.execute(
                 update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.claim_token == token)
                 .values(status=JobStatus.QUEUED.value, claim_token=None, attempts=Job.attempts - 1,
-                        waits=Job.waits + 1, not_before=utcnow() + timedelta(seconds=delay_seconds),
+                        waits=Job.waits + (1 if waited else 0), not_before=utcnow() + timedelta(seconds=delay_seconds),
                         progress_step=0, progress_total=0)
             )))
 

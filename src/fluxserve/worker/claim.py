@@ -7,7 +7,7 @@ import threading
 import time
 
 from fluxserve.dependencies import Health, transient_dependency
-from fluxserve.engine.errors import JobAborted
+from fluxserve.engine.errors import JobAborted, JobInterrupted
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.tables import Job
 
@@ -24,9 +24,11 @@ def claimed_token(job: Job) -> str:
 class Claim:
     """A job this worker runs: its heartbeat (from a side thread) and its progress."""
 
-    def __init__(self, jobs: JobStore, job: Job, every: float, health: Health | None = None):
+    def __init__(self, jobs: JobStore, job: Job, every: float, health: Health | None = None,
+                 interrupt: threading.Event | None = None):
         self.jobs, self.job_id, self.token, self.every = jobs, job.id, claimed_token(job), every
         self.health = health or Health()
+        self.interrupt = interrupt  # set when a stopping worker's grace period is over
         self.step, self.total = 0, 0
         self.lost = threading.Event()
         self._stop = threading.Event()
@@ -41,10 +43,13 @@ class Claim:
         self._thread.join()
 
     def progress(self, step: int, total: int) -> None:
-        """Called after each denoising step; stops the generation if the job is no longer ours."""
+        """Called after each denoising step; stops the generation if the job is no longer ours,
+        or if the worker is stopping and may not finish it."""
         self.step, self.total = step, total
         if self.lost.is_set():
             raise JobAborted("the job's claim was lost (it was recovered by another worker)")
+        if self.interrupt is not None and self.interrupt.is_set():
+            raise JobInterrupted("the worker is stopping and its grace period is over")
 
     def _run(self) -> None:
         """Beat every ``every`` seconds, and sooner (at most 4 times a second) when a step is done,

@@ -15,6 +15,7 @@ class WorkerConfig:
     max_batch_size: int = 1  # compatible jobs per pipeline call (1: no batching)
     batch_wait_seconds: float = 0.0  # how long a batch waits for companions
     idle_poll_seconds: float = 0.2  # how often an idle worker looks at the queue
+    shutdown_grace_seconds: float = 30.0  # a stopping worker's time to finish the job in hand
 
     @classmethod
     def from_settings(cls, settings: Any) -> WorkerConfig:
@@ -22,4 +23,5 @@ class WorkerConfig:
             max_attempts=settings.max_job_attempts, lease_seconds=settings.lease_seconds,
             heartbeat_seconds=settings.heartbeat_seconds, retention_seconds=settings.retention_seconds,
             max_batch_size=settings.max_batch_size, batch_wait_seconds=settings.batch_wait_seconds,
+            shutdown_grace_seconds=settings.shutdown_grace_seconds,
         )

@@ -20,7 +20,7 @@ from PIL import Image
 
 from fluxserve.contract import SuccessAnswer
 from fluxserve.dependencies import Dependency, Health, transient_dependency
-from fluxserve.engine.errors import JobAborted, ModelLoadError
+from fluxserve.engine.errors import JobAborted, JobInterrupted, ModelLoadError
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.tables import Job, utcnow
 from fluxserve.png_encoding import encode_png
@@ -63,10 +63,16 @@ class FinisherThread:
     def put(self, task: Callable[[], None]) -> None:
         self._tasks.put(task)
 
-    def close(self) -> None:
-        """Finish what was handed over, then stop."""
-        self._tasks.put(None)
-        self._thread.join()
+    def close(self, timeout: float | None = None) -> bool:
+        """Finish what was handed over, then stop; with ``timeout``, wait at most that long.
+        False: tasks were still running when it passed (the thread goes on; it is a daemon)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            self._tasks.put(None, timeout=timeout)
+        except queue.Full:  # a task is waiting behind one in progress, both past the bound
+            return False
+        self._thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not self._thread.is_alive()
 
     def _run(self) -> None:
         while (task := self._tasks.get()) is not None:
@@ -155,6 +161,8 @@ class ResultWriter:
         if isinstance(exc, JobAborted):
             log.warning("job %s: claim lost mid-run; its new owner will finish it", job.id)
             return Outcome.LOST, None
+        if isinstance(exc, JobInterrupted):
+            return self.put_back(job), None
         dependency = transient_dependency(exc)
         if dependency is not None:
             return self._release(job, dependency, exc), None
@@ -177,6 +185,18 @@ class ResultWriter:
             self.health.down(Dependency.DATABASE, _short(error))
             return Outcome.LOST
         log.info("job %s put back in the queue for %.1fs: %s unavailable", job.id, delay, dependency.value)
+        return Outcome.RELEASED if released else Outcome.LOST
+
+    def put_back(self, job: Job) -> Outcome:
+        """The worker is stopping and may not finish ``job``: it goes back to the queue, to be
+        claimed at once by another worker or the next start; the attempt does not count."""
+        try:
+            released = self.jobs.release(job.id, claimed_token(job), 0.0, waited=False)
+        except Exception as error:  # noqa: BLE001 - e.g. the database is away: the lease brings it back
+            log.warning("job %s could not be put back in the queue (%s); its lease will", job.id, _short(error))
+            return Outcome.LOST
+        if released:
+            log.info("job %s put back in the queue: the worker is stopping", job.id)
         return Outcome.RELEASED if released else Outcome.LOST
 
     def _remove_files(self, job: Job) -> None:

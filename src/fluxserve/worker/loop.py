@@ -1,6 +1,7 @@
 """The worker's loop: claim queued jobs from the store (several compatible ones as a batch),
 prepare them, generate, hand the images to the finisher thread, take commands between jobs,
-report what happens.
+report what happens, and stop when asked: ``request_stop`` (a SIGTERM) stops claiming at once
+and gives the job in hand a grace period, after which it goes back to the queue.
 
 The store is the worker's only contract with the API, so the worker can run as a thread in the
 server or in its own process (``fluxserve.supervisor``). It holds the engine through the
@@ -22,6 +23,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from fluxserve.dependencies import Dependency, Health, transient_dependency
+from fluxserve.engine.errors import JobInterrupted
 from fluxserve.engine.families.base import Inputs
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.tables import Job
@@ -46,6 +48,7 @@ from fluxserve.worker.prepare import Preparer
 STATUS_EVERY_SECONDS = 5.0
 STATUS_IDLE_SECONDS = 0.05
 PROBE_FIRST_SECONDS, PROBE_MAX_SECONDS = 0.5, 10.0  # probing a dependency that is away
+FINISH_AFTER_GRACE_SECONDS = 5.0  # a stopping worker's finisher may run this long past the grace period
 log = logging.getLogger(__name__)
 
 
@@ -78,7 +81,7 @@ class Worker:
         self, *, registry: Registry, jobs: JobStore, engine: Engine, safety: Safety, outputs: LocalStorage,
         inputs: LocalStorage, config: WorkerConfig | None = None, sink: Sink | None = None,
         commands: queue.Queue[Command] | Any = None, storage_configs: StorageConfigs | None = None,
-        enhancer: Any = None,
+        enhancer: Any = None, stop_requested: Callable[[], bool] | None = None,
     ):
         self.config = config or WorkerConfig()
         self.registry = registry
@@ -96,7 +99,13 @@ class Worker:
         self._probe_backoff = PROBE_FIRST_SECONDS
         self._reported_health: dict[str, Any] = {}
         self._finisher = FinisherThread()
-        self._stopping = threading.Event()
+        self._stopping = threading.Event()  # claim nothing more
+        self._stop_requested = stop_requested  # e.g. the child process's "a signal came" (looked at before each claim)
+        self._stop_lock = threading.Lock()
+        self._stop_deadline: float | None = None  # set by request_stop: when the grace period ends
+        self._grace_over = threading.Event()  # generation stops at the next step; the job goes back
+        self._held: dict[int, Claim] = {}  # claims of the jobs started and not yet concluded
+        self._held_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._last_recovery = 0.0
         self._status_due = False  # a job ran since the last status report
@@ -114,21 +123,73 @@ class Worker:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def request_stop(self, grace_seconds: float | None = None) -> None:
+        """Stop now (thread-safe; later calls change nothing): no job is claimed from here on;
+        the job (or batch) in hand may finish within ``grace_seconds`` (default: the config's),
+        after which its generation stops at the next step and it goes back to the queue; the
+        finisher gets FINISH_AFTER_GRACE_SECONDS more for what it holds; then run() returns."""
+        with self._stop_lock:
+            if self._stop_deadline is not None:
+                return
+            grace = self.config.shutdown_grace_seconds if grace_seconds is None else max(0.0, grace_seconds)
+            self._stop_deadline = time.monotonic() + grace
+            self._stopping.set()
+            timer = threading.Timer(grace, self._grace_over.set)
+            timer.name, timer.daemon = "fluxserve-grace", True
+            timer.start()
+        log.info("worker stopping: no new jobs; %.0fs to finish the job in hand", grace)
+        try:
+            self.commands.put_nowait(Command.WAKE)  # an idle wait ends now
+        except Exception:  # noqa: BLE001 - a closed or full queue: the idle poll notices the stop anyway
+            pass
+
+    def _should_stop(self) -> bool:
+        if not self._stopping.is_set() and self._stop_requested is not None and self._stop_requested():
+            self.request_stop()
+        return self._stopping.is_set()
+
+    def release_held(self) -> list[int]:
+        """Put every job this worker still holds (generating or finishing) back in the queue at
+        once, its attempt not counted: a stop that can't wait. Best effort (the lease is the
+        fallback); returns the ids put back."""
+        with self._held_lock:
+            held = list(self._held.values())
+        released = []
+        for claim in held:
+            try:
+                if self.jobs.release(claim.job_id, claim.token, 0.0, waited=False):
+                    released.append(claim.job_id)
+            except Exception:  # noqa: BLE001 - the database is away: the lease brings it back
+                log.warning("could not put job %s back in the queue; its lease will", claim.job_id, exc_info=True)
+        for job_id in released:
+            self.sink.report(JobFinished(job_id, Outcome.RELEASED))
+        if released:
+            log.warning("put jobs %s back in the queue: the worker is stopping", released)
+        return released
+
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the loop's thread (thread mode) to end; True once it has."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return not self.alive
 
     def run(self) -> None:
         """Claim and run jobs until told to stop; while a dependency is away, claim nothing (the
         queue waits instead of draining into failures) and probe it with a backoff."""
         self.report_status()
-        while not self._stopping.is_set():
+        while not self._should_stop():
             if self._health_changed():
                 self.report_status()
             if not self._dependencies_back():
                 self._wait_for_work()
                 continue
             self._recover_stale()
+            if self._should_stop():  # looked at right before each claim
+                break
             try:
                 job = self.jobs.claim_next()
             except Exception as exc:  # noqa: BLE001 - a store hiccup must not kill the worker
@@ -140,8 +201,19 @@ class Worker:
                 self._drain_commands()
             else:
                 self._wait_for_work()
-        self._finisher.close()
-        self.results.close()
+        self._close_finisher()
+
+    def _close_finisher(self) -> None:
+        """Wait for what the finisher was handed: without limit after a STOP command; after
+        ``request_stop``, until FINISH_AFTER_GRACE_SECONDS past the grace period, then whatever
+        it still holds goes back to the queue."""
+        deadline = self._stop_deadline
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic()) + FINISH_AFTER_GRACE_SECONDS
+        if self._finisher.close(timeout):
+            self.results.close()
+        else:
+            log.warning("finishing jobs took past the grace period")
+            self.release_held()
 
     def _gather_batch(self, job: Job) -> list[Job]:
         """Dynamic batching (off at max_batch_size 1): wait briefly for compatible jobs, claim them."""
@@ -149,6 +221,8 @@ class Worker:
             return [job]
         if self.config.batch_wait_seconds > 0:
             time.sleep(self.config.batch_wait_seconds)
+        if self._should_stop():
+            return [job]
         try:
             return [job] + self.jobs.claim_compatible(job.batch_key, self.config.max_batch_size - 1)
         except Exception:  # noqa: BLE001 - batching is an optimisation; the claimed job still runs
@@ -285,16 +359,26 @@ class Worker:
     def process(self, job: Job) -> None:
         """Generate now; finish (safety, PNG, store, commit) on the finisher thread."""
         self.sink.report(JobStarted(job.id, claimed_token(job)))
-        self._run_one(job, Claim(self.jobs, job, self.config.heartbeat_seconds, self.health).start())
+        self._run_one(job, self._claim(job))
+
+    def _claim(self, job: Job) -> Claim:
+        """Heartbeats for a job this worker runs, held until the job is concluded."""
+        claim = Claim(self.jobs, job, self.config.heartbeat_seconds, self.health, interrupt=self._grace_over)
+        with self._held_lock:
+            self._held[job.id] = claim
+        return claim.start()
 
     def process_batch(self, jobs: list[Job]) -> None:
         """Compatible jobs in one pipeline call; if that call fails, each job runs alone (so one
         bad job or an out-of-memory batch costs no other job its result)."""
         for job in jobs:
             self.sink.report(JobStarted(job.id, claimed_token(job)))
-        claims = [Claim(self.jobs, job, self.config.heartbeat_seconds, self.health).start() for job in jobs]
+        claims = [self._claim(job) for job in jobs]
         try:
             finishes = self._generate_batch(jobs, claims)
+        except JobInterrupted:  # the worker is stopping: the whole batch goes back to the queue
+            self._conclude(list(zip(jobs, claims)), lambda: [(self.results.put_back(job), None) for job in jobs])
+            return
         except Exception:  # noqa: BLE001 - retried one by one below
             log.warning("batch of jobs %s failed; running them one by one", [j.id for j in jobs], exc_info=True)
             self.engine.release_memory()
@@ -356,8 +440,10 @@ class Worker:
             log.exception("recording how jobs %s ended failed; their leases will requeue them", [j.id for j, _ in jobs])
             return
         finally:
-            for _, claim in jobs:
+            for job, claim in jobs:
                 claim.stop()
+                with self._held_lock:
+                    self._held.pop(job.id, None)
         for (job, _), (outcome, generation_time) in zip(jobs, results):
             self.sink.report(JobFinished(job.id, outcome, generation_time, _queue_time(job)))
         self._status_after_job()

@@ -19,7 +19,7 @@ class Outcome(str, Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     LOST = "lost"  # the claim was lost (another worker took the job over), or left to its lease; nothing recorded
-    RELEASED = "released"  # put back in the queue: a dependency was away (not the job's fault)
+    RELEASED = "released"  # put back in the queue: a dependency was away, or the worker stopped (not the job's fault)
 
 
 @dataclass(frozen=True)
