@@ -24,8 +24,10 @@ from tests.support.waiting import wait_for_job, wait_until
 
 KLEIN = "/api/v1/enterprise/flux_klein/text2img"
 FETCH = "/api/v1/enterprise/flux_klein/fetch/{id}"
-# on 2 CPU cores a tiny klein step at 1024² takes ~0.8 s and at 768² ~0.6 s (plus ~3 s of VAE decode)
 SHORT = {"width": 256, "height": 256, "num_inference_steps": 2}
+# the longest job a request may ask for: 4 images of 1024², 50 steps; ~12 s on 2 idle CPU cores
+# (a minute and more on a busy machine), so a signal always lands while it is being generated
+LONG = {"width": 1024, "height": 1024, "num_inference_steps": 50, "samples": 4}
 
 
 class Database:
@@ -112,18 +114,18 @@ def test_job_events_shutdown_wakes_every_waiter_and_later_waits_return_at_once()
 POLL = 0.2  # the test's own polling competes with the server for 2 CPU cores: not too often
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("worker", ["process", "thread"])
 def test_sigterm_finishes_the_running_job_claims_nothing_more_closes_streams_and_exits_0(tmp_path, tiny_root, worker):
-    server = ServerProcess(tmp_path / "data", tiny_root, FLUXSERVE_WORKER=worker, FLUXSERVE_SHUTDOWN_GRACE_SECONDS="120",
+    server = ServerProcess(tmp_path / "data", tiny_root, FLUXSERVE_WORKER=worker, FLUXSERVE_SHUTDOWN_GRACE_SECONDS="240",
                            FLUXSERVE_MAX_QUEUED_PER_KEY="100")
     key = server.create_key()
     server.start()
     db = Database(server)
     try:
         with httpx.Client(base_url=server.base_url, timeout=60) as client:
-            # a job of ~10 s on CPU, with a webhook (nothing listens: the row is what counts)
-            long = submit(client, key, width=768, height=768, num_inference_steps=12, webhook="http://127.0.0.1:9/hook")
+            # the long job, with a webhook (nothing listens: the row is what counts)
+            long = submit(client, key, **LONG, webhook="http://127.0.0.1:9/hook")
             queued = [submit(client, key, seed=i, **SHORT) for i in range(3)]
             wait_until(lambda: db.generating(long), 120, "the long job to generate", POLL)
             streams = {job_id: EventStream(server, key, job_id) for job_id in (long, queued[0])}
@@ -136,7 +138,7 @@ def test_sigterm_finishes_the_running_job_claims_nothing_more_closes_streams_and
             wait_until(lambda: len(db.jobs()) == 5, 30, "the waiting request's job", POLL)
             assert db.job(long).status == "running"
             signalled = utcnow()
-            status, seconds = server.terminate(timeout=120)
+            status, seconds = server.terminate(timeout=300)
         rows, deliveries = db.jobs(), db.deliveries(long)
     finally:
         server.stop()
@@ -176,7 +178,7 @@ def test_a_job_longer_than_the_grace_period_goes_back_to_the_queue_and_a_restart
     db = Database(server)
     try:
         with httpx.Client(base_url=server.base_url, timeout=60) as client:
-            long = submit(client, key, width=768, height=768, num_inference_steps=24)  # ~18 s on CPU
+            long = submit(client, key, **LONG)
             wait_until(lambda: db.generating(long), 120, "the long job to generate", POLL)
             status, seconds = server.terminate(timeout=60)
         print(f"\n[process worker] SIGTERM with a {grace:.0f} s grace period during a longer job: "
@@ -209,7 +211,7 @@ def test_a_second_sigterm_exits_at_once_and_puts_the_running_job_back(tmp_path, 
     db = Database(server)
     try:
         with httpx.Client(base_url=server.base_url, timeout=60) as client:
-            long = submit(client, key, width=1024, height=1024, num_inference_steps=40)  # ~35 s on CPU
+            long = submit(client, key, **LONG)
             wait_until(lambda: db.generating(long), 120, "the long job to generate", POLL)
             worker_pid = server.worker_pid()
             server.signal(signal.SIGTERM)
