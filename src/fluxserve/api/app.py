@@ -14,12 +14,15 @@ from starlette.middleware.cors import CORSMiddleware
 
 from fluxserve import __version__
 from fluxserve.api.admin import admin, ops
+from fluxserve.api.catalog import catalog_router
 from fluxserve.api.deps import Services, WorkerControl
 from fluxserve.api.errors import install_error_handlers
 from fluxserve.api.generation import GenerationService
+from fluxserve.api.history import history_router
 from fluxserve.api.json_bodies import JsonBodiesMiddleware
 from fluxserve.api.limits import AddressRateLimitMiddleware, BodyLimitMiddleware, RateLimits
 from fluxserve.api.modelslab import router as modelslab_router
+from fluxserve.api.operator import operator_router
 from fluxserve.api.outputs import outputs_router
 from fluxserve.api.progress import jobs_router
 from fluxserve.api.storage_routes import storage_router
@@ -109,7 +112,8 @@ def create_app(
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Content-Type", "Key", "Authorization"])
-    for router in (modelslab_router, admin, storage_router, jobs_router, webhooks_router, outputs_router, ops):
+    for router in (modelslab_router, admin, storage_router, jobs_router, history_router, catalog_router, operator_router,
+                   webhooks_router, outputs_router, ops):
         app.include_router(router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
