@@ -1,8 +1,12 @@
 """The endpoints behind the playground and the operator view, over HTTP: the catalog (derived from
 the path table and the registry), a key's history, the admin listings (failures, queue) and the
-admin cancel; every generation path documented with an example body."""
+admin cancel; every generation path documented with an example body, and the docs pages served
+from this server with no outside reference."""
 
 from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
 
 import pytest
 
@@ -131,6 +135,37 @@ def test_the_admin_queue_lists_every_keys_jobs_and_admins_cancel_any_queued_one(
     failures = http.get("/api/fluxserve/admin/failures", headers={"Key": web.admin_key}).json()["failures"]
     assert queued["id"] not in {row["id"] for row in failures}
     assert wait_for_job(http, web.other_key, running["id"], timeout=180).json()["status"] == "success"
+
+
+# -- pages and docs: everything from this server ------------------------------------------------------
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        for name, value in attrs:
+            if name in ("src", "href") and value:
+                self.urls.append(value)
+
+
+def _links(html: str) -> list[str]:
+    parser = _Links()
+    parser.feed(html)
+    return parser.urls
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_every_page_loads_its_assets_from_this_server(http, page):
+    answer = http.get(page)
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/html")
+    urls = _links(answer.text)
+    assert urls, "the page names its scripts and styles"
+    for url in urls:
+        assert url.startswith("/") and not url.startswith("//"), f"{page} links to {url}"
+        assert http.get(url).status_code == 200, url
+    assert not re.search(r"(src|href)=['\"]?https?:", answer.text)
+    assert "cdn" not in answer.text.lower() and "fonts.googleapis" not in answer.text
 
 
 def test_docs_show_an_example_body_and_the_real_answers_for_every_generation_path(http):

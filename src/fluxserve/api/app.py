@@ -24,6 +24,7 @@ from fluxserve.api.limits import AddressRateLimitMiddleware, BodyLimitMiddleware
 from fluxserve.api.modelslab import router as modelslab_router
 from fluxserve.api.operator import operator_router
 from fluxserve.api.outputs import outputs_router
+from fluxserve.api.pages import install_pages
 from fluxserve.api.progress import jobs_router
 from fluxserve.api.storage_routes import storage_router
 from fluxserve.api.webhook_admin import webhooks_router
@@ -100,6 +101,7 @@ def create_app(
         version=__version__,
         description="Self-hosted image generation that speaks the ModelsLab API.",
         lifespan=lifespan,
+        docs_url=None, redoc_url=None,  # served by api.pages from local files, not FastAPI's CDN links
     )
     install_error_handlers(app)
     app.state.health = Health()  # dependencies this process found away (the worker reports its own)
@@ -115,6 +117,7 @@ def create_app(
     for router in (modelslab_router, admin, storage_router, jobs_router, history_router, catalog_router, operator_router,
                    webhooks_router, outputs_router, ops):
         app.include_router(router)
+    install_pages(app)  # /docs and /redoc from local files
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
