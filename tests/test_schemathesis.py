@@ -54,14 +54,16 @@ def test_every_operation_answers_without_server_errors(fuzz_target):
 
 
 def _call(case, target) -> None:
-    admin = case.path.startswith("/api/fluxserve/webhooks/") or "/enterprise/" in case.path and case.path.rsplit(
+    admin = case.path.startswith(("/api/fluxserve/webhooks/", "/api/fluxserve/admin/")) or "/enterprise/" in case.path and case.path.rsplit(
         "/", 1)[-1] in ("system_details", "clear_cache", "clear_queue", "restart_server", "update_server", "update")
     if isinstance(case.body, dict):
         if case.body.get("key") is not None or hash(str(case.body)) % 5:  # mostly valid keys, some random
             case.body["key"] = target.admin_key if admin else target.key
         _aim_at_loopback(case.body, target)
-    elif admin:  # the webhook admin routes without a body: the key in a header
+    elif admin:  # the webhook and operator admin routes without a body: the key in a header
         case.headers = {**(case.headers or {}), "Key": target.admin_key}
+    elif case.path == "/api/fluxserve/jobs":  # the key's history
+        case.headers = {**(case.headers or {}), "Key": target.key}
     response = case.call(base_url=target.base_url, timeout=30)
     assert response.status_code < 500, f"{case.method} {case.path} -> {response.status_code}: {response.text[:500]}"
     content_type = str(response.headers.get("content-type") or "")  # schemathesis may give a list

@@ -1,12 +1,13 @@
 """The endpoints behind the playground and the operator view, over HTTP: the catalog (derived from
 the path table and the registry), a key's history, the admin listings (failures, queue) and the
-admin cancel; every generation path documented with an example body, and the docs pages served
-from this server with no outside reference."""
+admin cancel; the pages and the docs served from this server with no outside reference, and every
+generation path documented with an example body."""
 
 from __future__ import annotations
 
 import re
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,7 @@ from fluxserve.models import DEFAULT_REGISTRY
 from tests.support.servers import live_server
 from tests.support.waiting import wait_for_job, wait_until
 
+STATIC = Path(__file__).parents[2] / "src" / "fluxserve" / "api" / "static"
 KLEIN = "/api/v1/enterprise/flux_klein/text2img"
 SMALL = {"width": 256, "height": 256, "num_inference_steps": 1, "safety_checker": False}
 MISSING_HUB_LORA = "fluxserve-test/not-in-the-cache"  # allowed, never downloaded (HF_HUB_OFFLINE): its jobs fail
@@ -61,6 +63,17 @@ def test_the_catalog_is_the_path_table_and_the_registry(http):
         assert set(models[name]["tasks"]) == {task.value for task in spec.family.tasks}
     assert catalog["admin_servers"] == list(ADMIN_SERVERS)
     assert [task["task"] for task in catalog["tasks"]] == ["text2img", "img2img", "inpaint"]
+
+
+def test_the_pages_hold_no_second_list_of_models_or_paths():
+    """The playground's lists come from the catalog: no model name or path prefix is written in its code."""
+    code = "\n".join(path.read_text() for path in STATIC.glob("*.js")) + (STATIC / "index.html").read_text()
+    names = {alias for spec in DEFAULT_REGISTRY.values() for alias in (spec.name, *spec.aliases)}
+    for name in names:
+        for quote in "'\"`":
+            assert f"{quote}{name}{quote}" not in code, name
+    for family in PATH_FAMILIES:
+        assert family.prefix not in code, family.prefix
 
 
 # -- history ------------------------------------------------------------------------------------
@@ -155,7 +168,7 @@ def _links(html: str) -> list[str]:
     return parser.urls
 
 
-@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+@pytest.mark.parametrize("page", ["/", "/operator", "/docs", "/redoc"])
 def test_every_page_loads_its_assets_from_this_server(http, page):
     answer = http.get(page)
     assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/html")
@@ -166,6 +179,14 @@ def test_every_page_loads_its_assets_from_this_server(http, page):
         assert http.get(url).status_code == 200, url
     assert not re.search(r"(src|href)=['\"]?https?:", answer.text)
     assert "cdn" not in answer.text.lower() and "fonts.googleapis" not in answer.text
+    if page in ("/", "/operator"):
+        policy = answer.headers["content-security-policy"]
+        assert "default-src 'self'" in policy and "connect-src 'self'" in policy and "script-src 'self'" in policy
+
+
+def test_the_scripts_and_styles_fetch_nothing_from_elsewhere():
+    for path in [*STATIC.glob("*.js"), *STATIC.glob("*.css")]:
+        assert not re.search(r"https?://", path.read_text()), path.name
 
 
 def test_docs_show_an_example_body_and_the_real_answers_for_every_generation_path(http):
@@ -182,6 +203,14 @@ def test_docs_show_an_example_body_and_the_real_answers_for_every_generation_pat
             if action.task.value == "inpaint":
                 assert example["mask_image"], (family.prefix, action.name)
             assert {"200", "400", "401", "404", "429", "500"} <= set(operation["responses"])
+    assert "/" not in openapi["paths"] and "/operator" not in openapi["paths"]
     for path in ("/api/fluxserve/catalog", "/api/fluxserve/jobs", "/api/fluxserve/admin/failures",
                  "/api/fluxserve/admin/queue", "/api/fluxserve/admin/jobs/{job_id}/cancel"):
         assert path in openapi["paths"], path
+
+
+def test_the_operator_page_itself_is_public_but_its_data_is_admin_only(web, http):
+    assert http.get("/operator").status_code == 200  # a shell: every call it makes needs an admin key
+    for path in ("/api/fluxserve/admin/failures", "/api/fluxserve/admin/queue"):
+        assert http.get(path, headers={"Key": web.key}).json() == {"status": "error", "message": "This endpoint needs an admin key"}
+    assert http.get("/api/fluxserve/admin/queue", headers={"Key": web.admin_key}).status_code == 200

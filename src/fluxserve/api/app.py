@@ -117,7 +117,7 @@ def create_app(
     for router in (modelslab_router, admin, storage_router, jobs_router, history_router, catalog_router, operator_router,
                    webhooks_router, outputs_router, ops):
         app.include_router(router)
-    install_pages(app)  # /docs and /redoc from local files
+    install_pages(app)  # the playground (/), the operator view (/operator), /docs and /redoc
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
