@@ -57,14 +57,16 @@ def _call(case, target) -> None:
     openai = case.path.startswith("/v1/")  # the OpenAI Images API: Bearer keys, OpenAI's error shape
     if openai and (hash(str(case.body)) % 5 or not case.headers):  # mostly a valid key, sometimes a random one
         case.headers = {**(case.headers or {}), "Authorization": f"Bearer {target.key}"}
-    admin = case.path.startswith("/api/fluxserve/webhooks/") or "/enterprise/" in case.path and case.path.rsplit(
+    admin = case.path.startswith(("/api/fluxserve/webhooks/", "/api/fluxserve/admin/")) or "/enterprise/" in case.path and case.path.rsplit(
         "/", 1)[-1] in ("system_details", "clear_cache", "clear_queue", "restart_server", "update_server", "update")
     if isinstance(case.body, dict):
         if case.body.get("key") is not None or hash(str(case.body)) % 5:  # mostly valid keys, some random
             case.body["key"] = target.admin_key if admin else target.key
         _aim_at_loopback(case.body, target)
-    elif admin:  # the webhook admin routes without a body: the key in a header
+    elif admin:  # the webhook and operator admin routes without a body: the key in a header
         case.headers = {**(case.headers or {}), "Key": target.admin_key}
+    elif case.path == "/api/fluxserve/jobs":  # the key's history
+        case.headers = {**(case.headers or {}), "Key": target.key}
     response = case.call(base_url=target.base_url, timeout=30)
     content_type = str(response.headers.get("content-type") or "")  # schemathesis may give a list
     body = response.json() if "application/json" in content_type and response.status_code >= 400 else None

@@ -14,14 +14,18 @@ from starlette.middleware.cors import CORSMiddleware
 
 from fluxserve import __version__
 from fluxserve.api.admin import admin, ops
+from fluxserve.api.catalog import catalog_router
 from fluxserve.api.deps import Services, WorkerControl
 from fluxserve.api.errors import install_error_handlers
 from fluxserve.api.generation import GenerationService
+from fluxserve.api.history import history_router
 from fluxserve.api.json_bodies import JsonBodiesMiddleware
 from fluxserve.api.limits import AddressRateLimitMiddleware, BodyLimitMiddleware, RateLimits
 from fluxserve.api.modelslab import router as modelslab_router
 from fluxserve.api.openai import router as openai_router
+from fluxserve.api.operator import operator_router
 from fluxserve.api.outputs import outputs_router
+from fluxserve.api.pages import install_pages
 from fluxserve.api.progress import jobs_router
 from fluxserve.api.storage_routes import storage_router
 from fluxserve.api.webhook_admin import webhooks_router
@@ -98,6 +102,7 @@ def create_app(
         version=__version__,
         description="Self-hosted image generation that speaks the ModelsLab API.",
         lifespan=lifespan,
+        docs_url=None, redoc_url=None,  # served by api.pages from local files, not FastAPI's CDN links
     )
     install_error_handlers(app)
     app.state.health = Health()  # dependencies this process found away (the worker reports its own)
@@ -110,9 +115,10 @@ def create_app(
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Content-Type", "Key", "Authorization"])
-    for router in (modelslab_router, openai_router, admin, storage_router, jobs_router, webhooks_router, outputs_router,
-                   ops):
+    for router in (modelslab_router, openai_router, admin, storage_router, jobs_router, history_router, catalog_router,
+                   operator_router, webhooks_router, outputs_router, ops):
         app.include_router(router)
+    install_pages(app)  # the playground (/), the operator view (/operator), /docs and /redoc
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

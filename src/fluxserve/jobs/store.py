@@ -22,7 +22,7 @@ from fluxserve.contract import FailedAnswer
 from fluxserve.jobs.database import rowcount
 from fluxserve.jobs.deliveries import receiver_of
 from fluxserve.jobs.status import DeliveryStatus, JobStatus
-from fluxserve.jobs.tables import IdempotencyKey, Job, WebhookDelivery, utcnow
+from fluxserve.jobs.tables import ApiKey, IdempotencyKey, Job, WebhookDelivery, utcnow
 
 ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 IDEMPOTENCY_SECONDS = 24 * 3600  # how long an Idempotency-Key names its job (Stripe keeps them 24 h)
@@ -187,6 +187,32 @@ class JobStore:
                 select(WebhookDelivery.status).where(WebhookDelivery.job_id == job_id)
                 .order_by(WebhookDelivery.id.desc()).limit(1)
             ) or ""
+
+    # -- listings (the playground's history, the operator view) -------------------------------
+    def recent(self, key_id: int, limit: int = 20) -> list[Job]:
+        """A key's most recent jobs, newest first."""
+        with self._sessions() as session:
+            return list(session.scalars(select(Job).where(Job.key_id == key_id).order_by(Job.id.desc()).limit(limit)))
+
+    def recent_failures(self, limit: int = 50) -> list[tuple[Job, str | None]]:
+        """Failed jobs of every key, the most recently finished first, each with its key's name."""
+        with self._sessions() as session:
+            rows = session.execute(
+                select(Job, ApiKey.name).join(ApiKey, ApiKey.id == Job.key_id, isouter=True)
+                .where(Job.status == JobStatus.FAILED.value)
+                .order_by(Job.finished_at.desc(), Job.id.desc()).limit(limit)
+            )
+            return [(job, name) for job, name in rows]
+
+    def active(self, limit: int = 100) -> list[tuple[Job, str | None]]:
+        """Running then queued jobs of every key (oldest first in each), each with its key's name."""
+        running_first = case((Job.status == JobStatus.RUNNING.value, 0), else_=1)
+        with self._sessions() as session:
+            rows = session.execute(
+                select(Job, ApiKey.name).join(ApiKey, ApiKey.id == Job.key_id, isouter=True)
+                .where(Job.status.in_(ACTIVE)).order_by(running_first, Job.id).limit(limit)
+            )
+            return [(job, name) for job, name in rows]
 
     # -- running -------------------------------------------------------------------------------
     def claim_next(self, *, loaded: Sequence[str] = (), affinity_seconds: float = 0.0,
