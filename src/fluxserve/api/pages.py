@@ -25,6 +25,12 @@ PAGE_POLICY = ("default-src 'self'; img-src * data: blob:; script-src 'self'; st
                "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 PAGE_HEADERS = {"Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
                 "Referrer-Policy": "no-referrer"}
+# Swagger UI and ReDoc start from an inline script; ReDoc's bundle would also show its logo from
+# cdn.redoc.ly and runs its search in a blob: worker. The policy keeps the page on this server.
+DOCS_POLICY = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+               "img-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+               "frame-ancestors 'none'")
+DOCS_HEADERS = {**PAGE_HEADERS, "Content-Security-Policy": DOCS_POLICY}
 
 
 def install_pages(app: FastAPI) -> None:
@@ -44,13 +50,13 @@ def install_pages(app: FastAPI) -> None:
 
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
-        return get_swagger_ui_html(
+        return _with_headers(get_swagger_ui_html(
             openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} - API docs",
             swagger_js_url=f"{DOCS_ASSETS_URL}/swagger-ui-bundle.js", swagger_css_url=f"{DOCS_ASSETS_URL}/swagger-ui.css",
             swagger_favicon_url=favicon, oauth2_redirect_url=app.swagger_ui_oauth2_redirect_url,
             # no validator badge: Swagger UI would send the schema to validator.swagger.io
             swagger_ui_parameters={"validatorUrl": None, "defaultModelsExpandDepth": 0},
-        )
+        ))
 
     if app.swagger_ui_oauth2_redirect_url:
         @app.get(app.swagger_ui_oauth2_redirect_url, include_in_schema=False)
@@ -59,6 +65,11 @@ def install_pages(app: FastAPI) -> None:
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc() -> HTMLResponse:
-        return get_redoc_html(openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} - ReDoc",
-                              redoc_js_url=f"{DOCS_ASSETS_URL}/redoc.standalone.js", redoc_favicon_url=favicon,
-                              with_google_fonts=False)
+        return _with_headers(get_redoc_html(
+            openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{DOCS_ASSETS_URL}/redoc.standalone.js", redoc_favicon_url=favicon, with_google_fonts=False))
+
+
+def _with_headers(page: HTMLResponse) -> HTMLResponse:
+    page.headers.update(DOCS_HEADERS)
+    return page
