@@ -824,7 +824,7 @@ def print_report(result: dict[str, Any]) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--faults", default="object_store,disk_full,database,kill,slow_webhook",
+    parser.add_argument("--faults", default="object_store,disk_full,database,kill,slow_webhook,sigterm",
                         help=f"comma-separated, from: {', '.join(FAULTS)}")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds each fault lasts")
     parser.add_argument("--before", type=float, default=10.0, help="seconds of steady load before the fault")
