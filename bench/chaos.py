@@ -94,10 +94,10 @@ class Receiver(ThreadingHTTPServer):
                 with receiver.lock:
                     receiver.arrivals.setdefault(int(body["id"]), []).append(arrived)
                 hold = delay()
-                if hold > 0:
-                    time.sleep(hold)
+                if hold > 0:  # recorded now: the run may be counted before the hold is over
                     with receiver.lock:
-                        receiver.held.append((arrived, time.time()))
+                        receiver.held.append((arrived, arrived + hold))
+                    time.sleep(hold)
                 try:
                     self.send_response(200)
                     self.send_header("Content-Length", "0")
@@ -774,10 +774,11 @@ def table_rows(results: list[dict[str, Any]]) -> list[list[Any]]:
 
 
 def _duration(r: dict[str, Any]) -> str:
-    if r["fault"] == "kill":
+    if r["fault"] in ("kill", "sigterm"):
         kills = r["notes"].get("kills", [])
         down = ", ".join(f"{k['down_s']:g}" for k in kills)
-        return f"{len(kills)} kill{'s' if len(kills) != 1 else ''}, down {down} s"
+        what = "kill" if r["fault"] == "kill" else "stop"
+        return f"{len(kills)} {what}{'s' if len(kills) != 1 else ''}, down {down} s"
     return f"{r['fault_window_s']:g} s"
 
 
