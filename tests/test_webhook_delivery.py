@@ -351,17 +351,17 @@ def test_stop_waits_for_the_posts_in_flight_within_its_bound(new_db, make_dispat
         dispatcher.start()
         wait_until(lambda: receiver.arrivals, 5, "the POST", interval=0.005)
         started = time.monotonic()
-        dispatcher.stop()  # waits for the POST in flight
-        assert 0.2 < time.monotonic() - started < 2.0
+        dispatcher.stop()  # waits for the POST in flight (0.5 s), not for its bound (3 + 5 s)
+        assert 0.2 < time.monotonic() - started < 6.0  # the upper bound is loose: a busy CI machine
         assert delivery_for(sessions, done.id).status == "delivered" and not dispatcher.in_flight
 
-        receiver.hold = 2.0
+        receiver.hold = 10.0  # longer than the POST's deadline: only the stop's bound ends the wait
         cut = finished(store, key.id, receiver.url, track_id="cut")
         dispatcher.start()
         wait_until(lambda: len(receiver.arrivals) == 2, 5, "the second POST", interval=0.005)
         started = time.monotonic()
         dispatcher.stop(timeout=0.2)  # bounded: gives up waiting, the row keeps its lease
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 2.5  # well before the POST's own 3 s deadline
         row = delivery_for(sessions, cut.id)
         assert row.status == "pending" and row.attempts == 1 and row.next_attempt_at > utcnow() + timedelta(seconds=30)
 
