@@ -31,7 +31,7 @@ class Check:
     detail: str
 
     def line(self) -> str:
-        return f"{self.level:<4}  {self.what:<15} {self.detail}"
+        return f"{self.level:<4}  {self.what:<14}  {self.detail}"
 
 
 def ok(what: str, detail: str) -> Check:
