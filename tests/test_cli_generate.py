@@ -10,6 +10,8 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -29,6 +31,7 @@ from fluxserve.client.generate import (
     sse_events,
 )
 from tests.conftest import make_mask, make_test_image
+from tests.support.process_server import ServerProcess
 from tests.support.servers import live_server
 
 FLUXSERVE = str(Path(sys.executable).parent / "fluxserve")
@@ -158,6 +161,45 @@ def test_a_failed_job_exits_1_with_its_message(tmp_path, tiny_root):
         assert message.startswith("error: request 1 failed: ") and str(missing) in message, done.stderr
         assert broken.jobs.get(1).status == "failed"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(400)
+def test_generate_follows_its_request_across_a_server_restart(tmp_path, tiny_root):
+    """SIGTERM while the job generates: the stream's last event is ``shutdown``, the job goes back to
+    the queue, the command keeps trying, and once the server is back it follows the job to its images."""
+    server = ServerProcess(tmp_path / "data", tiny_root, FLUXSERVE_SHUTDOWN_GRACE_SECONDS="0")
+    key = server.create_key()
+    server.start()
+    env = {name: value for name, value in os.environ.items() if not name.startswith("FLUXSERVE_")}
+    env.update(FLUXSERVE_URL=server.base_url, FLUXSERVE_KEY=key)
+    client = subprocess.Popen([FLUXSERVE, "generate", "a long one", "--width", "1024", "--height", "1024", "--steps", "50",
+                               "--samples", "4", "-o", str(tmp_path / "out")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(client.stderr.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 180
+        while not any(re.search(r"step \d+/200", line) for line in lines):
+            assert time.monotonic() < deadline and client.poll() is None, "".join(lines) + server.log()
+            time.sleep(0.2)
+        status, _ = server.terminate(timeout=60)
+        assert status == 0, server.log()
+        time.sleep(1.0)  # the command is now retrying against a closed port
+        assert client.poll() is None, "".join(lines)
+        server.start()
+        client.wait(timeout=300)
+        stdout = client.stdout.read()  # a few lines: no pipe fills up before the command ends
+        reader.join(10)
+    finally:
+        if client.poll() is None:
+            client.kill()
+        server.stop()
+    text = "".join(lines)
+    assert client.returncode == 0, text + server.log()
+    assert "The server is restarting" in text, text
+    paths = [Path(line) for line in stdout.split()]
+    assert len(paths) == 4 and all(path.read_bytes().startswith(b"\x89PNG") for path in paths)
 
 
 # -- the client's pieces, in-process ----------------------------------------------------------------

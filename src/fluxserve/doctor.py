@@ -182,6 +182,10 @@ def model_needs(settings: Settings) -> dict[str, float]:
     return needs
 
 
+def _amount(gib: float) -> str:
+    return f"{gib:.1f} GiB" if gib >= 0.1 else f"{gib * 1024:.1f} MiB"
+
+
 def _ram_bytes() -> int | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -199,7 +203,7 @@ def check_memory(torch, settings: Settings) -> Check:
     largest, total = known[largest_source], sum(known.values())
     ram = _ram_bytes()
     ram_gib = ram / GIB if ram else None
-    what = f"the largest model needs ~{largest:.1f} GiB ({largest_source}), all {len(known)} ~{total:.1f} GiB"
+    what = f"the largest model needs ~{_amount(largest)} ({largest_source}), all {len(known)} ~{_amount(total)}"
     if unknown:
         what += f" (unknown: {', '.join(unknown)})"
     on_gpu = torch is not None and torch.cuda.is_available() and settings.device not in ("cpu", "mps")
