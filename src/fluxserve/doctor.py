@@ -87,7 +87,7 @@ def _guarded(what: str, step: Callable[[], Check | list[Check]]) -> Iterator[Che
 def _import_torch():
     try:
         import torch
-    except ImportError:
+    except (ImportError, OSError):  # OSError: a CUDA build whose libraries don't load
         return None
     return torch
 
@@ -100,7 +100,8 @@ def check_python() -> Check:
 
 def check_torch(torch) -> Check:
     if torch is None:
-        return fail("torch", "not installed: pip install torch (a CUDA build for a GPU; see the Makefile's pin)")
+        return fail("torch", "not importable (missing, or its CUDA libraries don't load): reinstall the pinned torch "
+                             "(the Makefile's TORCH; a CUDA build for a GPU)")
     built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
     try:
         import diffusers
