@@ -96,6 +96,19 @@ def test_image_to_image_sends_a_local_file_and_picks_the_models_path(server, tmp
         assert image.size == (256, 256)
 
 
+def test_several_init_images_are_references_for_flux_klein(server, tmp_path, pictures, image_host):
+    """A file and a URL, in that order: FLUX.2 klein takes up to 4 references."""
+    result = CliRunner().invoke(app, ["generate", "both in one scene", "--init-image", str(pictures / "init.png"),
+                                      "--init-image", f"{image_host}/b.jpg", "--steps", "2", "--width", "256",
+                                      "--height", "256", "-o", str(tmp_path / "out")],
+                                env={"FLUXSERVE_URL": server.base_url, "FLUXSERVE_KEY": server.key})
+    assert result.exit_code == 0, result.output
+    (path,) = [Path(line) for line in result.stdout.split()]
+    job = job_of(server, path)
+    assert (job.task, job.model) == ("img2img", "flux-klein")
+    assert len(job.meta["init_image"]) == 2 and job.meta["init_image"][1] == f"{image_host}/b.jpg"
+
+
 def test_inpainting_with_a_mask_file_keeps_the_unmasked_pixels(server, tmp_path, pictures):
     done = run_generate(server, "a stone statue", "--init-image", str(pictures / "init.png"), "--mask",
                         str(pictures / "mask.png"), "--model", "flux-fill", "--steps", "2", "--width", "256", "--height", "256",
@@ -204,23 +217,28 @@ def test_generate_follows_its_request_across_a_server_restart(tmp_path, tiny_roo
 
 # -- the client's pieces, in-process ----------------------------------------------------------------
 class FlakyTransport(httpx.BaseTransport):
-    """The real transport, except that the first generation POST fails to connect; records the
-    Idempotency-Key of every POST."""
+    """The real transport, except that the first generation POST fails (a connection error, or it
+    reaches the server and the answer is lost: a proxy's 503); records every POST's Idempotency-Key."""
 
-    def __init__(self):
+    def __init__(self, failure: str):
         self.inner = httpx.HTTPTransport()
+        self.failure = failure
         self.keys: list[str] = []
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if request.method == "POST":
             self.keys.append(request.headers["Idempotency-Key"])
             if len(self.keys) == 1:
-                raise httpx.ConnectError("connection reset (injected)", request=request)
+                if self.failure == "connect":
+                    raise httpx.ConnectError("connection reset (injected)", request=request)
+                self.inner.handle_request(request).close()  # the server queued it; the client never hears
+                return httpx.Response(503, json={"message": "bad gateway (injected)"}, request=request)
         return self.inner.handle_request(request)
 
 
-def test_a_send_retried_after_a_connection_error_reuses_its_idempotency_key(server, tmp_path):
-    transport = FlakyTransport()
+@pytest.mark.parametrize("failure", ["connect", "lost answer"])
+def test_a_send_retried_after_a_connection_error_reuses_its_idempotency_key(server, tmp_path, failure):
+    transport = FlakyTransport(failure)
     before = server.job_count()
     lines: list[str] = []
     from fluxserve.client.generate import PlainProgress
