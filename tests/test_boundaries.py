@@ -29,3 +29,11 @@ def test_settings_do_not_import_torch():
     """The HTTP process builds and checks the settings (optimization grammar, sizes) without torch."""
     loaded = _imports("fluxserve.config, fluxserve.engine.switches, fluxserve.units")
     assert not loaded & {"torch", "diffusers", "transformers"}
+
+
+def test_the_command_line_and_its_client_do_not_import_torch():
+    """`fluxserve generate` runs on any laptop: the CLI, its HTTP client, the cache view and the doctor
+    (which imports torch only inside its checks) load without torch."""
+    loaded = _imports("fluxserve.cli, fluxserve.cli_display, fluxserve.client.generate, fluxserve.weights, fluxserve.doctor")
+    assert "httpx" in loaded and "rich" in loaded
+    assert not loaded & {"torch", "diffusers", "transformers"}

@@ -1,4 +1,4 @@
-"""The ``fluxserve`` command: keys and models in-process through typer's CliRunner, and one run
+"""The ``fluxserve`` command: keys in-process through typer's CliRunner, and one run
 of the real installed console script serving requests and shutting down cleanly."""
 
 from __future__ import annotations
@@ -18,17 +18,6 @@ from typer.testing import CliRunner
 
 from fluxserve.cli import app
 from tests.support.servers import free_port
-
-MODEL_NAMES = ["flux", "flux-fill", "flux-klein", "flux-kontext-dev", "realtime"]
-HUB_IDS = {
-    "flux-fill": "black-forest-labs/FLUX.1-Fill-dev",
-    "flux-klein": "black-forest-labs/FLUX.2-klein-4B",
-    "realtime": "black-forest-labs/FLUX.2-klein-4B",
-    "flux": "black-forest-labs/FLUX.1-dev",
-    "flux-kontext-dev": "black-forest-labs/FLUX.1-Kontext-dev",
-}
-TINY_DIRS = {"flux-klein": "flux2-klein", "realtime": "flux2-klein", "flux": "flux1-dev", "flux-kontext-dev": "flux-kontext",
-             "flux-fill": "flux1-fill"}
 
 
 @pytest.fixture(autouse=True)
@@ -123,28 +112,6 @@ def test_revoking_an_unknown_key_exits_1(cli, ident):
     assert result.exit_code == 1
     assert ident in result.stderr
     assert listed_rows(cli)[0][4] == "active"
-
-
-# -- models ----------------------------------------------------------------------------------------
-def models_rows(result) -> dict[str, list[str]]:
-    assert result.exit_code == 0, result.output
-    rows = [line.split("\t") for line in result.stdout.splitlines() if line.strip()]
-    return {row[0]: row for row in rows}
-
-
-def test_models_list_shows_every_model_with_its_hub_id(cli):
-    rows = models_rows(cli("models", "list"))
-    assert sorted(rows) == MODEL_NAMES
-    for name, row in rows.items():
-        assert row[2] == HUB_IDS[name]
-
-
-def test_models_list_tiny_points_at_the_tiny_folders_without_building(cli, tmp_path):
-    rows = models_rows(cli("models", "list", "--models", "tiny"))
-    assert sorted(rows) == MODEL_NAMES
-    for name, row in rows.items():
-        assert Path(row[2]) == tmp_path / "tiny-models" / TINY_DIRS[name]
-    assert not (tmp_path / "tiny-models").exists()  # listing builds nothing
 
 
 # -- refused settings -------------------------------------------------------------------------------

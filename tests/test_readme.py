@@ -142,3 +142,19 @@ def test_readme_modelslab_cli_block_works(server, image_host, tmp_path):
                           cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert len(list((tmp_path / "generated").glob("*.png"))) == 2  # one image per command, downloaded
+
+
+def test_readme_fluxserve_generate_block_works(server, image_host, tmp_path):
+    """The `fluxserve generate` examples as pasted: text to image, image to image from the saved
+    file, inpainting from URLs (pointed at loopback), against the server named by FLUXSERVE_URL."""
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S) if "fluxserve generate" in b)
+    script = block.replace(EXAMPLE_MASK, f"{image_host}/mask.png").replace(EXAMPLE_IMAGE, f"{image_host}/a.png")
+    script = script.replace(".venv/bin/fluxserve", str(Path(sys.executable).parent / "fluxserve"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXSERVE_")}
+    env.update(KEY=server.key, FLUXSERVE_URL=server.base_url)
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    saved = set((tmp_path / "out").glob("*.png"))
+    printed = {tmp_path / line for line in done.stdout.split()}  # the first command's path went into $FOX
+    assert len(saved) == 4 and len(printed) == 3 and printed < saved, (saved, done.stdout)

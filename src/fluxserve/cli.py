@@ -1,7 +1,8 @@
-"""The ``fluxserve`` command: serve, keys, models."""
+"""The ``fluxserve`` command: serve, generate, doctor, keys, models."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -16,7 +17,8 @@ from fluxserve.logs import configure as configure_logging
 
 app = typer.Typer(help="fluxserve: self-hosted image generation that speaks the ModelsLab API.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage API keys (stored hashed).", no_args_is_help=True)
-models_app = typer.Typer(help="Inspect the model registry and build the tiny offline models.", no_args_is_help=True)
+models_app = typer.Typer(help="Inspect the model registry, download weights, build the tiny offline models.",
+                         no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
 
@@ -86,6 +88,73 @@ def serve(
     run_server(app_, settings, log_level)  # SIGTERM/SIGINT: a graceful stop (see fluxserve.serving)
 
 
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What to draw (or, with --init-image, how to change it).")],
+    model: Annotated[str | None, typer.Option(help="A served model name or alias (default: the path's own).")] = None,
+    init_image: Annotated[list[str] | None, typer.Option(
+        help="Image to start from: a file (sent as base64) or an http(s) URL; repeat for several references.")] = None,
+    mask: Annotated[str | None, typer.Option(help="Inpainting mask (white repaints): a file or a URL.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the first image (image i uses seed + i).")] = None,
+    samples: Annotated[int, typer.Option(help="Images to make (1-4).")] = 1,
+    width: Annotated[int | None, typer.Option(help="Width in pixels.")] = None,
+    height: Annotated[int | None, typer.Option(help="Height in pixels.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the model's).")] = None,
+    strength: Annotated[float | None, typer.Option(help="How far to move from the init image (0-1).")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Guidance scale.")] = None,
+    negative_prompt: Annotated[str | None, typer.Option(help="What to avoid (models that take one).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs.")] = Path("."),
+    url: Annotated[str, typer.Option(envvar="FLUXSERVE_URL", help="The server [env FLUXSERVE_URL].")] = "http://127.0.0.1:8000",
+    key: Annotated[str | None, typer.Option(envvar="FLUXSERVE_KEY", help="API key [env FLUXSERVE_KEY].")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the images.")] = 600.0,
+) -> None:
+    """Generate images on a running server: text to image, image to image (--init-image) or
+    inpainting (--init-image and --mask). Shows the queue position and the steps as they happen,
+    saves the PNGs as <request id>-<n>.png in --out and prints their paths."""
+    from fluxserve.cli_display import progress_view
+    from fluxserve.client.generate import ClientError, GenerateRequest
+    from fluxserve.client.generate import generate as run_generate
+
+    request = GenerateRequest(prompt=prompt, model=model, init_images=list(init_image or []), mask=mask, seed=seed,
+                              samples=samples, width=width, height=height, steps=steps, strength=strength,
+                              guidance=guidance, negative_prompt=negative_prompt)
+    try:
+        saved = run_generate(request, base_url=url, key=key or "", out_dir=out, view=progress_view(), timeout=timeout)
+    except ClientError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    for path in saved:
+        typer.echo(str(path))
+
+
+@app.command()
+def doctor(
+    models: Annotated[str | None, typer.Option(help="real | tiny [env FLUXSERVE_MODELS].")] = None,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+    env_file: Annotated[Path | None, typer.Option(help="Settings file [env FLUXSERVE_ENV_FILE].")] = None,
+) -> None:
+    """Check this machine for serving: Python and torch, GPU and driver, memory for the models,
+    disk, database, object storage, fetch policy, settings. One line each (OK, WARN or FAIL, what,
+    the detail or the fix); exit status 1 if any FAIL."""
+    from fluxserve.doctor import run_checks
+
+    flags = dict(models=models, data_dir=data_dir, database_url=database_url)
+    settings, problems = None, []
+    try:
+        settings = _load_settings(env_file, **flags)
+    except ValidationError as exc:
+        problems = settings_problems(exc, flags=flags)
+    except SettingsError as exc:
+        problems = [f"configuration: {exc}"]
+    failed = False
+    for check in run_checks(settings, problems):
+        typer.echo(check.line())
+        failed = failed or check.level == "FAIL"
+    if failed:
+        raise typer.Exit(1)
+
+
 @keys_app.command("create")
 def keys_create(
     name: Annotated[str, typer.Argument(help="A label for the key, e.g. the team using it.")],
@@ -139,15 +208,62 @@ def keys_revoke(
 
 @models_app.command("list")
 def models_list(
-    models: Annotated[str | None, typer.Option(help="real | tiny")] = None, data_dir: DataDir = None
+    models: Annotated[str | None, typer.Option(help="real | tiny [env FLUXSERVE_MODELS].")] = None,
+    data_dir: DataDir = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON array (for scripts).")] = False,
 ) -> None:
-    """Show each model name with its pipeline, weights source and defaults."""
+    """The registry in effect: each model's family and pipeline, weights source, whether the Hugging
+    Face cache holds them (read locally, never over the network) and their size, licence and gating."""
     from fluxserve.runtime import build_registry
+    from fluxserve.weights import registry_status
 
     settings = _settings(models=models, data_dir=data_dir)
-    for spec in build_registry(settings, build_tiny=False).specs():
-        defaults = f"steps={spec.steps} guidance={spec.guidance} strength={spec.strength}"
-        typer.echo(f"{spec.name}\t{spec.pipeline}\t{spec.source}\t{defaults}")
+    rows = registry_status(build_registry(settings, build_tiny=False).specs())
+    if as_json:
+        typer.echo(json.dumps([row.as_json() for row in rows], indent=2))
+        return
+    from fluxserve.cli_display import models_table, stdout_console
+
+    stdout_console().print(models_table(rows))
+
+
+@models_app.command("pull")
+def models_pull(
+    name: Annotated[str, typer.Argument(help="A model name or alias (see models list).")],
+    models: Annotated[str | None, typer.Option(help="real | tiny [env FLUXSERVE_MODELS].")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Download a model's weights into the Hugging Face cache (HF_HOME), after checking the disk
+    has room for them. Gated repos need HF_TOKEN of an account that accepted the licence."""
+    from fluxserve.models import UnknownModel
+    from fluxserve.runtime import build_registry
+    from fluxserve.weights import CacheView, PullError, download, human_bytes, is_hub_id, plan_pull
+
+    settings = _settings(models=models, data_dir=data_dir)
+    registry = build_registry(settings, build_tiny=False)
+    try:
+        spec = registry.get(name)
+    except UnknownModel:
+        typer.echo(f"unknown model {name!r}; known: {', '.join(registry.names())}", err=True)
+        raise typer.Exit(1) from None
+    if settings.models == "tiny":
+        typer.echo(f"{spec.name}: nothing to pull: the tiny models are random weights built here "
+                   "(`fluxserve models build-tiny`, or at the first `serve --models tiny`)")
+        return
+    if not is_hub_id(spec.source):
+        typer.echo(f"{spec.name}: nothing to pull: it loads local weights from {spec.source}")
+        return
+    cache = CacheView()
+    try:
+        plan = plan_pull(spec.source, cache)
+        needed = "unknown (HF_HUB_OFFLINE is set)" if plan.needed_bytes is None else f"about {human_bytes(plan.needed_bytes)}"
+        typer.echo(f"{spec.name}: pulling {spec.source} into {plan.cache_dir} (to download: {needed}; "
+                   f"free: {human_bytes(plan.free_bytes)})", err=True)
+        path = download(plan)
+    except PullError as exc:
+        typer.echo(f"{spec.name}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{spec.name}: {spec.source} is cached at {path} ({human_bytes(CacheView().size(spec.source))})")
 
 
 @models_app.command("build-tiny")

@@ -44,6 +44,36 @@ class ModelSpec:
     def supports(self, task: Task | str) -> bool:
         return Task(task) in self.family.tasks
 
+    @property
+    def hub_weights(self) -> HubWeights | None:
+        """What is known of ``source`` when it is one of the hub repos below (None: a local folder
+        or another repo)."""
+        return HUB_WEIGHTS.get(self.source)
+
+
+@dataclass(frozen=True)
+class HubWeights:
+    """Facts about a hub repo the registry uses, kept here rather than fetched (``fluxserve models
+    list`` and ``doctor`` work offline). Sizes are approximate: the diffusers-format components
+    (``model_index.json`` and the component folders, what ``models pull`` downloads) in bf16,
+    which is also roughly the accelerator memory the loaded pipeline holds."""
+
+    licence: str
+    gated: bool  # the hub serves the files only to accounts that accepted the licence (HF_TOKEN)
+    download_gib: float  # the diffusers components on disk
+    memory_gib: float  # weights in memory (bf16) plus headroom for a 1024x1024 generation
+
+
+_FLUX1_LICENCE = "FLUX.1 [dev] Non-Commercial License"
+HUB_WEIGHTS: dict[str, HubWeights] = {
+    # transformer 3.88 B params (7.75 GB) + Qwen3-4B text encoder (8.04 GB) + VAE (docs/design MODELS.md)
+    "black-forest-labs/FLUX.2-klein-4B": HubWeights("Apache-2.0", gated=False, download_gib=15.0, memory_gib=17.0),
+    # transformer 11.9 B params (23.8 GB) + T5-XXL (9.5 GB) + CLIP-L + VAE
+    "black-forest-labs/FLUX.1-dev": HubWeights(_FLUX1_LICENCE, gated=True, download_gib=31.5, memory_gib=34.0),
+    "black-forest-labs/FLUX.1-Fill-dev": HubWeights(_FLUX1_LICENCE, gated=True, download_gib=31.5, memory_gib=34.0),
+    "black-forest-labs/FLUX.1-Kontext-dev": HubWeights(_FLUX1_LICENCE, gated=True, download_gib=31.5, memory_gib=34.0),
+}
+
 
 _KLEIN_4B = "black-forest-labs/FLUX.2-klein-4B"
 DEFAULT_REGISTRY: dict[str, ModelSpec] = {
