@@ -167,15 +167,15 @@ class Janitor:
             lambda name: name not in needed and self.inputs.path_for(name) is not None,
         )
         if self.shared is not None:
-            result.objects_deleted += self._sweep_shared_inputs(cutoff, needed)
+            result.objects_deleted += self._sweep_shared_inputs(self.shared, cutoff, needed)
 
-    def _sweep_shared_inputs(self, cutoff: float, needed: set[str]) -> int:
+    def _sweep_shared_inputs(self, shared: SharedImages, cutoff: float, needed: set[str]) -> int:
         deleted = 0
         try:
-            stale = [name for name, modified in self.shared.inputs.listing()  # type: ignore[union-attr]
+            stale = [name for name, modified in shared.inputs.listing()
                      if modified.timestamp() < cutoff and name not in needed and self.inputs.path_for(name) is not None]
             for name in stale:
-                self.shared.inputs.remove(name)  # type: ignore[union-attr]
+                shared.inputs.remove(name)
                 deleted += 1
         except Exception:  # noqa: BLE001 - the bucket away: next sweep
             log.warning("retention: sweeping the bucket's inputs failed; will retry", exc_info=True)

@@ -164,3 +164,23 @@ def test_outputs_on_disk_fall_back_to_the_bucket(tmp_path, s3_endpoint):
         outputs.read("nowhere-0.png")
     with pytest.raises(FileNotFoundError):  # no bucket: local disk only, as before
         OutputsOnDisk(tmp_path / "outputs", "http://replica.test", None).read("remote-0.png")
+
+
+def test_a_bucket_that_is_away_is_a_transient_failure_and_a_missing_object_is_not(tmp_path, s3_endpoint):
+    """What the worker's job does when its input is not on its disk: wait (released to the queue,
+    ``dependencies.transient_dependency``) while the store can't be reached; fail when the object
+    is not there."""
+    from fluxserve.dependencies import Dependency, transient_dependency
+    from fluxserve.storage.s3 import UploadError
+    from tests.support.servers import free_port
+
+    bucket = create_bucket(s3_endpoint, "transient")
+    present = SharedImages(S3Details.from_modelslab(**default_bucket(s3_endpoint, bucket)), S3Uploader(attempts=1))
+    with pytest.raises(FileNotFoundError):
+        present.inputs.read("0" * 64 + ".png")
+    away = SharedImages(S3Details.from_modelslab(**default_bucket(f"http://127.0.0.1:{free_port()}", bucket)),
+                        S3Uploader(attempts=1, connect_timeout=1, read_timeout=1))
+    with pytest.raises(UploadError) as caught:
+        away.inputs.read("0" * 64 + ".png")
+    assert transient_dependency(caught.value) is Dependency.OBJECT_STORE
+    assert "could not connect" in str(caught.value) and DUMMY_SECRET_KEY not in str(caught.value)

@@ -98,7 +98,7 @@ class SharedImages:
     def holds_uploads_of(self, remote: dict | None) -> bool:
         """Whether a job's own upload (``params.remote``) already is the shared copy: it went to
         the server-wide bucket, under the same key."""
-        return bool(remote) and remote.get("config_id") is None  # type: ignore[union-attr]
+        return remote is not None and bool(remote) and remote.get("config_id") is None
 
 
 class OutputsOnDisk(LocalStorage):
