@@ -223,3 +223,22 @@ def test_a_spec_can_carry_settings_of_its_own_service():
         ("default", {}), ("default", {"max_batch_size": 8, "batch_wait_seconds": 0.05})]
     with pytest.raises(SystemExit):
         parse_args(["--optimizations", "default@max_batch_size"])
+
+
+def test_wake_latency_runs_end_to_end(tmp_path):
+    from tests.support.postgres import PostgresUnavailable, find_bindir, postgres_required
+
+    try:
+        find_bindir()
+    except PostgresUnavailable as exc:
+        if postgres_required():
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    out = tmp_path / "wake_latency.json"
+    done = _run("bench.wake_latency", "--jobs", "2", "--json", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "p50 ms" in done.stdout and "notify" in done.stdout and "polling" in done.stdout
+    result = json.loads(out.read_text())
+    assert [row["mode"] for row in result["rows"]] == ["notify", "polling"]
+    assert all(row["jobs"] == 2 for row in result["rows"])
+    assert {len(v) for v in result["raw_seconds"].values()} == {2}

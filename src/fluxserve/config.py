@@ -106,6 +106,12 @@ class Settings(BaseSettings):
     body_timeout_seconds: float = Field(30.0, gt=0, description="Time a client gets to send its whole body.")
     rate_limit_per_key: str = Field("600/minute", description='Requests per key ("" for none), limits syntax.')
     rate_limit_per_address: str = Field("1200/minute", description="Requests per client address under /api/.")
+    redis_url: str | None = Field(
+        None, description="Redis (redis://host:6379/0, rediss://..., redis+unix:///path) holding the rate limits' "
+        "counters, so that they hold across API replicas; unset: in memory, per process.")
+    outputs_from_bucket: Literal["proxy", "redirect"] = Field(
+        "proxy", description="GET /outputs/<name> on a replica without the file, with a server-wide bucket: proxy (the "
+        "replica sends the object's bytes) or redirect (302 to a presigned URL valid 15 minutes).")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Origins allowed by CORS (off when empty).")
     fetch_allow: Annotated[list[str], NoDecode] = Field(
@@ -239,6 +245,16 @@ class Settings(BaseSettings):
             except ValueError:
                 raise ValueError(f"not a rate limit: {value!r} (e.g. 600/minute, 10/second; \"\" for none)") from None
         return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if not value or not value.strip():
+            return None
+        scheme = urlsplit(value.strip()).scheme.lower()
+        if scheme not in ("redis", "rediss", "redis+unix"):
+            raise ValueError(f"not a Redis URL: {scheme or 'no'} scheme (expected redis://, rediss:// or redis+unix://)")
+        return value.strip()
 
     @field_validator("compile_warm_sizes")
     @classmethod

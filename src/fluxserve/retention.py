@@ -9,6 +9,11 @@ One sweep does three things:
    job still needs are deleted (they are content-addressed, so a later request re-stores them);
 3. temporary files left by interrupted atomic writes (``.tmp-*``) older than an hour go.
 
+With a server-wide bucket (``storage.shared``), the bucket's copies go the same way: an expired
+job's outputs are deleted there too (before the row is marked), and the bucket's ``inputs/``
+folder is swept like the local one (by the objects' upload dates, which the API refreshes each
+time a request uses an input). Every replica's janitor does this; deletes are idempotent.
+
 Only entries directly inside the two storage roots are touched, and symlinks are never followed:
 an output name from the database goes through ``LocalStorage.path_for`` (no separators, no
 ``..``), removing a link removes the link only, and the folder scans consider regular files only.
@@ -30,6 +35,7 @@ from fluxserve.dependencies import transient_dependency
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.tables import utcnow
 from fluxserve.storage.local import LocalStorage
+from fluxserve.storage.shared import SharedImages
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +48,12 @@ class SweepResult:
     jobs_expired: int = 0
     files_deleted: int = 0  # output files of expired jobs
     inputs_deleted: int = 0  # unreferenced old init images
+    objects_deleted: int = 0  # the shared bucket's copies of both (outputs of expired jobs, old inputs)
     temp_files_deleted: int = 0  # leftovers of interrupted atomic writes
 
     def __bool__(self) -> bool:  # "did this sweep do anything"
-        return bool(self.jobs_expired or self.files_deleted or self.inputs_deleted or self.temp_files_deleted)
+        return bool(self.jobs_expired or self.files_deleted or self.inputs_deleted or self.temp_files_deleted
+                    or self.objects_deleted)
 
 
 def _remove(path: Path) -> bool:
@@ -74,9 +82,10 @@ class Janitor:
     def __init__(
         self, jobs: JobStore, outputs: LocalStorage, inputs: LocalStorage, *,
         retention_seconds: float, interval_seconds: float,
-        on_deleted: Callable[[int], None] | None = None,
+        on_deleted: Callable[[int], None] | None = None, shared: SharedImages | None = None,
     ):
         self.jobs = jobs
+        self.shared = shared
         self.outputs = outputs
         self.inputs = inputs
         self.retention_seconds = float(retention_seconds)
@@ -101,8 +110,9 @@ class Janitor:
             self.jobs.forget_idempotency_keys(now)  # Idempotency-Keys name their job for 24 h
         if result:
             log.info(
-                "retention: %d jobs expired, %d output files, %d init images, %d temp files deleted",
+                "retention: %d jobs expired, %d output files, %d init images, %d temp files, %d bucket objects deleted",
                 result.jobs_expired, result.files_deleted, result.inputs_deleted, result.temp_files_deleted,
+                result.objects_deleted,
             )
         return result
 
@@ -116,6 +126,7 @@ class Janitor:
                 seen.add(job.id)
                 try:
                     deleted = self._delete_outputs(job.outputs or [])
+                    result.objects_deleted += self._delete_shared_outputs(job.outputs or [])
                 except OSError:
                     log.exception("retention: could not delete the files of job %s; will retry", job.id)
                     continue
@@ -138,6 +149,15 @@ class Janitor:
             deleted += _remove(path)
         return deleted
 
+    def _delete_shared_outputs(self, names: list) -> int:
+        """The bucket's copies (raises OSError if the store refused or was away: retried next time)."""
+        if self.shared is None:
+            return 0
+        safe = [name for name in names if isinstance(name, str) and self.outputs.path_for(name) is not None]
+        for name in safe:
+            self.shared.outputs.remove(name)
+        return len(safe)
+
     def _sweep_inputs(self, cutoff: float, result: SweepResult) -> None:
         # read the references before looking at the files: an input referenced by a job created
         # after this point was (re)stored or touched just now, so it is newer than the cutoff
@@ -146,6 +166,20 @@ class Janitor:
             self.inputs.root, cutoff,
             lambda name: name not in needed and self.inputs.path_for(name) is not None,
         )
+        if self.shared is not None:
+            result.objects_deleted += self._sweep_shared_inputs(self.shared, cutoff, needed)
+
+    def _sweep_shared_inputs(self, shared: SharedImages, cutoff: float, needed: set[str]) -> int:
+        deleted = 0
+        try:
+            stale = [name for name, modified in shared.inputs.listing()
+                     if modified.timestamp() < cutoff and name not in needed and self.inputs.path_for(name) is not None]
+            for name in stale:
+                shared.inputs.remove(name)
+                deleted += 1
+        except Exception:  # noqa: BLE001 - the bucket away: next sweep
+            log.warning("retention: sweeping the bucket's inputs failed; will retry", exc_info=True)
+        return deleted
 
     @staticmethod
     def _sweep_folder(root: Path, cutoff: float, wanted: Callable[[str], bool]) -> int:

@@ -100,8 +100,11 @@ def build_server_app(settings: Settings, reload_settings=None) -> FastAPI:
     host_class = ProcessWorkerHost if settings.worker == "process" else ThreadWorkerHost
     host = host_class(settings, WorkerLink(events, metrics), jobs)
     events.wake_worker = host.wake
-    lifecycle = ServerLifecycle(host, events, _background_services(settings, sessions, jobs, metrics),
-                                settings.shutdown_grace_seconds)
+    background = _background_services(settings, sessions, jobs, metrics)
+    listener = build_listener(settings, events)
+    if listener is not None:
+        background.append(listener)
+    lifecycle = ServerLifecycle(host, events, background, settings.shutdown_grace_seconds)
     app = create_app(
         settings, registry, events=events, metrics=metrics, host=host, storage_configs=build_storage(settings, sessions),
         sessions=sessions,
@@ -109,6 +112,17 @@ def build_server_app(settings: Settings, reload_settings=None) -> FastAPI:
     )
     app.state.lifecycle = lifecycle
     return app
+
+
+def build_listener(settings: Settings, events: JobEvents):
+    """On PostgreSQL, the thread that turns the database's job NOTIFYs into this process's
+    wake-ups (``jobs.notify``); None on SQLite (one box: the worker reports in process)."""
+    from fluxserve.jobs.notify import JobNotifications, listens
+
+    if not listens(settings.resolved_database_url):
+        return None
+    return JobNotifications(settings.resolved_database_url, on_change=events.job_changed,
+                            on_queued=events.job_queued, on_connected=events.set_pushed)
 
 
 class ServerLifecycle:
@@ -169,5 +183,6 @@ def _background_services(settings: Settings, sessions, jobs, metrics) -> list:
             jobs, LocalStorage(settings.outputs_dir, settings.base_url),
             LocalStorage(settings.inputs_dir, settings.base_url),
             retention_seconds=settings.retention_seconds, interval_seconds=settings.janitor_interval_seconds,
+            shared=build_storage(settings, sessions).shared,  # the server-wide bucket's copies, if there is one
         ),
     ]

@@ -239,7 +239,10 @@ class FakeRemote:
 
 class FakeStorageConfigs:
     """Stands in for ``storage.configs.StorageConfigs``: ``storage(remote)`` gives the remote
-    (or raises ``error``, e.g. StorageUnavailable)."""
+    (or raises ``error``, e.g. StorageUnavailable). No server-wide bucket: ``shared`` is None
+    (tests/storage/test_shared_images.py covers it against a real S3 server)."""
+
+    shared = None
 
     def __init__(self, remote: FakeRemote | None = None, error: BaseException | None = None) -> None:
         self.remote = remote or FakeRemote("https://bucket.example/images")

@@ -40,6 +40,7 @@ from fluxserve.metrics import Metrics
 from fluxserve.models import Registry
 from fluxserve.storage.configs import StorageConfigs
 from fluxserve.storage.local import LocalStorage
+from fluxserve.storage.shared import OutputsOnDisk
 
 
 def create_app(
@@ -77,7 +78,8 @@ def create_app(
                 generation=GenerationService(
                     settings=settings, registry=registry, jobs=jobs, metrics=metrics,
                     storage_configs=storage_configs,
-                    storage=LocalStorage(settings.outputs_dir, settings.base_url),
+                    storage=OutputsOnDisk(settings.outputs_dir, settings.base_url,
+                                          storage_configs.shared if storage_configs is not None else None),
                     inputs=LocalStorage(settings.inputs_dir, settings.base_url),
                     events=events, http=http, health=app.state.health,
                     dependency_status=lambda: dict(worker_status().get("dependencies") or {}),
@@ -106,7 +108,7 @@ def create_app(
     )
     install_error_handlers(app)
     app.state.health = Health()  # dependencies this process found away (the worker reports its own)
-    rate_limits = RateLimits(settings.rate_limit_per_key, settings.rate_limit_per_address)
+    rate_limits = RateLimits(settings.rate_limit_per_key, settings.rate_limit_per_address, storage_url=settings.redis_url)
     app.state.rate_limits = rate_limits
     # added last = runs first: address limit, then body limits, then JSON content type
     app.add_middleware(JsonBodiesMiddleware)

@@ -66,7 +66,7 @@ async def require_key(request: Request, services: Annotated[Services, Depends(ge
     key = await run_in_threadpool(services.keys.authenticate, presented)
     if key is None:
         raise ApiError(401, "Invalid API key")
-    request.app.state.rate_limits.check_key(key.id)
+    await request.app.state.rate_limits.check_key(key.id)
     return key
 
 

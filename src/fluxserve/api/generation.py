@@ -36,8 +36,9 @@ from fluxserve.params import SEED_MAX, GenerationRequest, ImageSource, JobParams
 from fluxserve.png_encoding import encode_png
 from fluxserve.storage.configs import StorageConfigs
 from fluxserve.storage.local import LocalStorage
+from fluxserve.storage.s3 import UploadError
 
-POLL_SECONDS = 1.0  # fallback polling when the worker runs elsewhere
+POLL_SECONDS = 1.0  # fallback polling when the worker runs elsewhere and no listener pushes changes
 RETRY_AFTER_SECONDS = 10  # what a 503 asks clients to wait
 log = logging.getLogger(__name__)
 
@@ -241,7 +242,24 @@ class GenerationService:
             raise ApiError(503, "Service temporarily unavailable", retry_after=RETRY_AFTER_SECONDS,
                            reason="disk unavailable: the input image could not be stored") from None
         self.health.up(Dependency.DISK)
+        await self._share_input(name, png)
         return StoredImage(name, *decoded.size)
+
+    async def _share_input(self, name: str, png: bytes) -> None:
+        """With a server-wide bucket, the input goes there too (``storage.shared``): the worker
+        that claims the job may run on another node. Written every time, not only when missing:
+        the upload's date is what keeps it from retention while the job waits."""
+        shared = self.storage_configs.shared if self.storage_configs is not None else None
+        if shared is None:
+            return
+        try:
+            await run_in_threadpool(shared.inputs.save, name, png)
+        except UploadError as exc:
+            if exc.transient_dependency is not None:
+                self.health.down(Dependency.OBJECT_STORE, str(exc))
+            raise ApiError(503, "Service temporarily unavailable", retry_after=RETRY_AFTER_SECONDS,
+                           reason=f"object_store unavailable: the input image could not be stored: {exc}") from None
+        self.health.up(Dependency.OBJECT_STORE)
 
     async def _image_bytes(self, source: ImageSource) -> bytes:
         """An input's bytes, under the same size cap whether fetched or uploaded."""
@@ -350,18 +368,18 @@ class GenerationService:
             remaining = deadline - time.monotonic()
             if JobStatus(job.status).is_terminal or remaining <= 0 or self.events.closing.is_set():
                 return job  # a server that is stopping answers processing now
-            await self.events.wait(job_id, min(remaining, POLL_SECONDS))
+            await self.events.wait(job_id, min(remaining, self.events.poll_seconds(POLL_SECONDS)))
 
     async def _answer(self, job: Job) -> JSONResponse:
         status = JobStatus(job.status)
         if status is JobStatus.SUCCEEDED:
             webhook_status = await run_in_threadpool(self.jobs.webhook_status, job.id)
-            if job.expired_at is not None and not job.output_urls:
+            if job.expired_at is not None and not self._kept_elsewhere(job):
                 return JSONResponse(expired_body(job, webhook_status))
             try:
                 body = await run_in_threadpool(success_body, job, self.storage, webhook_status)
             except FileNotFoundError:  # the local copy expired (or was deleted by hand)
-                if not job.output_urls:
+                if not self._kept_elsewhere(job):
                     return JSONResponse(expired_body(job, webhook_status))
                 body = success_body(job, self.storage, webhook_status, inline=False)  # S3 copies stay
             return JSONResponse(body)
@@ -369,6 +387,14 @@ class GenerationService:
             return JSONResponse(failure_body(job))
         eta = await run_in_threadpool(self.eta, job)
         return JSONResponse(processing_body(job, self.storage, self.settings.base_url, eta))
+
+    def _kept_elsewhere(self, job: Job) -> bool:
+        """Whether a job's images outlive retention: uploaded to a key's own bucket (retention
+        deletes only the server's copies, which include a server-wide bucket's objects)."""
+        if not job.output_urls:
+            return False
+        shared = self.storage_configs.shared if self.storage_configs is not None else None
+        return shared is None or not shared.holds_uploads_of(job.params.get("remote"))
 
     def eta(self, job: Job) -> float:
         per_job = self.jobs.recent_generation_time(job.model)

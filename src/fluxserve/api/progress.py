@@ -62,7 +62,7 @@ async def events(job_id: int, key: AuthKey, services: ServicesDep) -> EventSourc
             if event != last:
                 last = event
                 yield {"event": event[0], "data": json.dumps(event[1])}
-            await generation.events.wait(job_id, POLL_SECONDS)
+            await generation.events.wait(job_id, generation.events.poll_seconds(POLL_SECONDS))
 
     return EventSourceResponse(stream(), ping=15, shutdown_event=stopping, shutdown_grace_period=FAREWELL_SECONDS)
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, delete, func, or_, select, update
+from sqlalchemy import case, delete, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
@@ -25,6 +25,8 @@ from fluxserve.jobs.status import DeliveryStatus, JobStatus
 from fluxserve.jobs.tables import ApiKey, IdempotencyKey, Job, WebhookDelivery, utcnow
 
 ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+NOTIFY_CHANNEL = "fluxserve_jobs"  # PostgreSQL: every job change is announced here (``jobs.notify``)
+QUEUED_SUFFIX = " queued"  # a payload "<id> queued": a new job (idle workers may claim it), else "<id>": a change
 IDEMPOTENCY_SECONDS = 24 * 3600  # how long an Idempotency-Key names its job (Stripe keeps them 24 h)
 
 
@@ -36,14 +38,27 @@ class IdempotencyConflict(Exception):
         self.job_id, self.same_request = job_id, same_request
 
 
+def _notify(session: Session, job_id: int, suffix: str = "") -> None:
+    """On PostgreSQL, announce that job ``job_id`` changed (``NOTIFY fluxserve_jobs``): delivered
+    to every listening API process when this transaction commits, and not at all if it rolls back
+    (``jobs.notify.JobNotifications`` wakes the requests waiting for it). Elsewhere: nothing
+    (SQLite serves one box, where the worker reports in process)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_notify(:channel, :payload)"),
+                        {"channel": NOTIFY_CHANNEL, "payload": f"{job_id}{suffix}"})
+
+
 def _claim(session: Session, job_id: int) -> bool:
     """queued -> running under a fresh claim token; False if another worker won the race."""
     now = utcnow()
-    return bool(rowcount(session.execute(
+    claimed = bool(rowcount(session.execute(
         update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
         .values(status=JobStatus.RUNNING.value, started_at=now, heartbeat_at=now, claim_token=str(uuid.uuid4()),
                 attempts=Job.attempts + 1, progress_step=0, progress_total=0)
     )))
+    if claimed:
+        _notify(session, job_id)
+    return claimed
 
 
 def _storable_id(job_id: int) -> bool:
@@ -92,10 +107,11 @@ class JobStore:
         try:
             with self._sessions.begin() as session:
                 session.add(job)
+                session.flush()  # the job's id
                 if idempotency is not None:
-                    session.flush()  # the job's id
                     session.add(IdempotencyKey(key_id=key_id, value=idempotency[0], request_hash=idempotency[1],
                                                job_id=job.id))
+                _notify(session, job.id, QUEUED_SUFFIX)
         except IntegrityError:
             if idempotency is None:
                 raise
@@ -275,10 +291,13 @@ class JobStore:
         if total is not None:
             values["progress_total"] = total
         with self._sessions.begin() as session:
-            return bool(rowcount(session.execute(
+            beaten = bool(rowcount(session.execute(
                 update(Job).where(Job.id == job_id, Job.claim_token == token, Job.status == JobStatus.RUNNING.value)
                 .values(**values)
             )))
+            if beaten and step is not None:  # progress, which streams show (written at most 4 times a second)
+                _notify(session, job_id)
+            return beaten
 
     def succeed(
         self, job_id: int, token: str, *, outputs: list[str], nsfw_detected: bool, generation_time: float,
@@ -298,12 +317,15 @@ class JobStore:
         is recorded as failed. ``waited`` counts the release in ``waits`` (the backoff of a
         dependency's outage; a stop is none). False: not ours."""
         with self._sessions.begin() as session:
-            return bool(rowcount(session.execute(
+            released = bool(rowcount(session.execute(
                 update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.claim_token == token)
                 .values(status=JobStatus.QUEUED.value, claim_token=None, attempts=Job.attempts - 1,
                         waits=Job.waits + (1 if waited else 0), not_before=utcnow() + timedelta(seconds=delay_seconds),
                         progress_step=0, progress_total=0)
             )))
+            if released:
+                _notify(session, job_id, QUEUED_SUFFIX)
+            return released
 
     def ping(self) -> None:
         """Raise if the database can't be reached (a cheap query)."""
@@ -323,6 +345,7 @@ class JobStore:
                 .values(status=status.value, finished_at=utcnow(), claim_token=None, **values)
             ))
             if changed:
+                _notify(session, job_id)
                 job = session.get(Job, job_id)
                 assert job is not None  # the update above just matched it
                 if payload is None and status is JobStatus.SUCCEEDED and job.webhook:
@@ -353,6 +376,7 @@ class JobStore:
                 query.values(status=JobStatus.CANCELLED.value, finished_at=utcnow(), error=message)
             ))
             if changed:
+                _notify(session, job_id)
                 job = session.get(Job, job_id)
                 assert job is not None  # the update above just matched it
                 self._queue_webhook(session, job, failure_payload(job, message))
@@ -399,10 +423,12 @@ class JobStore:
                 if rowcount(session.execute(guard.values(
                     status=JobStatus.FAILED.value, finished_at=utcnow(), claim_token=None, error=message
                 ))):
+                    _notify(session, job_id)
                     self._queue_webhook(session, job, failure_payload(job, message))
                     return "failed"
                 return None
             if rowcount(session.execute(guard.values(status=JobStatus.QUEUED.value, claim_token=None))):
+                _notify(session, job_id, QUEUED_SUFFIX)
                 return "requeued"
             return None
 

@@ -14,6 +14,7 @@ from fluxserve.jobs.tables import StorageConfig, utcnow
 from fluxserve.secretbox import SecretBox, SecretBoxError
 from fluxserve.storage.base import Storage
 from fluxserve.storage.s3 import S3Details, S3Storage, S3Uploader
+from fluxserve.storage.shared import SharedImages
 
 DEFAULT_DEPLOY_TYPE = "text_to_image"
 
@@ -29,6 +30,8 @@ class StorageConfigs:
         self._secrets = secrets
         self.default = default
         self.uploader = uploader or S3Uploader()
+        # the server's own copies of inputs and outputs, readable by every replica and worker
+        self.shared = SharedImages(default, self.uploader) if default is not None else None
 
     def put(self, key_id: int, deploy_type: str, details: S3Details) -> StorageConfig:
         """Create or replace the key's details for ``deploy_type``."""

@@ -125,6 +125,11 @@ class ResultWriter:
         if job.base64_files:  # ModelsLab's base64 answers: a text file of each image's base64 beside it
             files += [(name, base64.b64encode(png), "text/plain") for name, png in zip(job.base64_names(), pngs)]
         stored = {name: self.outputs.save(name, data) for name, data, _ in files}  # same names on a retry
+        shared = self.storage_configs.shared if self.storage_configs is not None else None
+        if shared is not None and not shared.holds_uploads_of(params.remote):
+            # the server's copy where every replica finds it (a default-bucket upload below is that copy)
+            for name, data, kind in files:
+                shared.outputs.save(name, data, kind)
         output_urls = None
         if params.remote:
             if self.storage_configs is None:
@@ -203,6 +208,8 @@ class ResultWriter:
         """The files a failed attempt wrote (locally, and in its bucket): best effort."""
         names = job.output_names() + job.base64_names()
         targets: list[Any] = [self.outputs]
+        if self.storage_configs is not None and self.storage_configs.shared is not None:
+            targets.append(self.storage_configs.shared.outputs)
         remote = job.params.get("remote")
         if remote and self.storage_configs is not None:
             try:

@@ -89,7 +89,7 @@ class Worker:
         self.engine = engine
         self.sink = sink or NullSink()
         self.commands = commands if commands is not None else queue.Queue()
-        self.preparer = Preparer(registry, inputs, engine, enhancer)
+        self.preparer = Preparer(registry, inputs, engine, enhancer, storage_configs.shared if storage_configs else None)
         self.health = Health()  # dependencies found away: claiming pauses until each is back
         self.outputs = outputs
         self.storage_configs = storage_configs

@@ -13,6 +13,7 @@ from fluxserve.jobs.tables import Job
 from fluxserve.models import ModelSpec, Registry
 from fluxserve.params import JobParams
 from fluxserve.storage.local import LocalStorage
+from fluxserve.storage.shared import SharedImages
 
 
 class PromptEngine(Protocol):
@@ -29,11 +30,16 @@ class PreparedJob:
 
 
 class Preparer:
-    def __init__(self, registry: Registry, inputs: LocalStorage, engine: PromptEngine, enhancer: Any = None):
+    """``shared``: the server-wide bucket's copies (``storage.shared``), where an input stored by
+    an API replica on another node is found (and then kept in the local inputs folder)."""
+
+    def __init__(self, registry: Registry, inputs: LocalStorage, engine: PromptEngine, enhancer: Any = None,
+                 shared: SharedImages | None = None):
         self.registry = registry
         self.inputs = inputs
         self.engine = engine
         self.enhancer = enhancer
+        self.shared = shared
 
     def prepare(self, job: Job) -> PreparedJob:
         params = JobParams.from_dict(job.params)
@@ -54,6 +60,10 @@ class Preparer:
     def _load(self, name: str, mode: str = "RGB") -> Image.Image:
         path = self.inputs.path_for(name)
         assert path is not None, f"unsafe input name {name!r}"  # job params hold only names the API stored
+        if not path.is_file() and self.shared is not None:
+            # stored by an API on another node: its bucket copy (a store that is away raises a
+            # transient UploadError: the job waits for it; a missing object fails the job)
+            self.inputs.save(name, self.shared.inputs.read(name))
         with Image.open(path) as image:
             return image.convert(mode)
 
