@@ -43,12 +43,12 @@ def test_quick_run_covers_every_section_and_loses_or_duplicates_nothing(tmp_path
         assert row["registered_max"] == row["workers"]  # every simulated worker was in the WorkerRegistry
 
     assert [row["queued"] for row in result["queue_depth"]] == [10, 100]
-    assert all(row["claims"] == 5 for row in result["queue_depth"])
+    assert all(row["claims"] == 5 and row["same_job_picked"] is True for row in result["queue_depth"])
 
     api = result["api"]
     assert [step["rate"] for step in api["steps"]] == [5.0, 10.0]
     assert all(step["errors"] == 0 and step["ok"] == step["sent"] for step in api["steps"])
-    assert api["ledger"]["jobs_in_db"] == api["ledger"]["accepted_answers"]  # every accepted request is a job
+    assert api["ledger"]["jobs_in_db"] == api["ledger"]["accepted_answers"]  # every accepted request is a job, no more
     assert api["ledger"]["claimed"] == api["ledger"]["succeeded_in_db"] == api["drained_jobs"]
     assert api["ledger"]["running_left"] == api["ledger"]["claimed_twice"] == 0
 
