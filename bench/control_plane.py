@@ -429,22 +429,34 @@ def run_scaling(args: argparse.Namespace, server_url: str, postmaster: int | Non
             start_at, stop_at = fleet.start(args.duration)
             window = (start_at + args.warmup, stop_at)
             time.sleep(max(0.0, window[0] - time.time()))
-            registered = []
-            with CpuMeter(postmaster) as meter:
+            registered: list[int] = []
+            waits: Counter[str] = Counter()
+            samples = 0
+            with CpuMeter(postmaster) as meter, _activity_sampler(url) as sample:
                 while time.time() < window[1]:
                     registered.append(_alive_workers(url))
-                    time.sleep(min(1.0, max(0.0, window[1] - time.time())))
+                    waits.update(sample())
+                    samples += 1
+                    time.sleep(min(0.5, max(0.0, window[1] - time.time())))
             done, worker_cpu = fleet.collect(timeout=args.duration + 120)
         seconds = window[1] - window[0]
-        achieved = _jobs_in(done, window) / seconds
+        jobs_done = _jobs_in(done, window)
+        achieved = jobs_done / seconds
         ideal = workers / args.job_seconds
+        worker_cpu_in_window = worker_cpu * seconds / max(1e-9, stop_at - start_at)
         row = {
             "workers": workers, "processes": len(fleet.processes), "queue_depth": depth,
             "jobs_per_s": round(achieved, 2), "ideal_jobs_per_s": round(ideal, 2),
             "ratio": round(achieved / ideal, 3), "window_s": round(seconds, 2),
             **_latencies(done, window),
             "registered_max": max(registered, default=0),
-            "cpu": meter.report(worker_cpu * seconds / max(1e-9, stop_at - start_at)),
+            "cpu": meter.report(worker_cpu_in_window),
+            # CPU per job done: what a cluster pays per job wherever its processes run
+            "cpu_ms_per_job_workers": round(1000 * worker_cpu_in_window / max(1e-9, jobs_done), 2),
+            "cpu_ms_per_job_postgres": round(1000 * meter.postgres / max(1e-9, jobs_done), 2) if postmaster else None,
+            # the database's busy backends, sampled every 0.5 s: on CPU (or waiting for it) vs waiting on a lock
+            "pg_active_backends_mean": round(sum(waits.values()) / max(1, samples), 2),
+            "pg_active_by_wait": {kind: round(count / max(1, samples), 2) for kind, count in waits.most_common()},
             "ledger": check_ledger(url, done, feeder.created),
         }
         rows.append(row)
@@ -465,6 +477,25 @@ def _jobs_in(workers: list[dict[str, Any]], window: tuple[float, float]) -> floa
         inside = min(job["finished_at"], window[1]) - max(job["claimed_at"], window[0])
         done += max(0.0, inside) / length if length > 0 else 0.0
     return done
+
+
+@contextmanager
+def _activity_sampler(url: str) -> Iterator[Any]:
+    """A function returning the database's active backends (other than its own) by what they wait
+    on: "CPU" for none (running, or runnable and waiting for a core), else pg_stat_activity's
+    wait_event_type:wait_event (Lock:transactionid would be a lock convoy, Client:ClientRead is a
+    backend waiting for its client's next message)."""
+    import psycopg
+
+    with psycopg.connect(url.replace("postgresql+psycopg", "postgresql"), autocommit=True) as conn:
+        def sample() -> Counter[str]:
+            rows = conn.execute(
+                "SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU'), count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND state = 'active' AND pid <> pg_backend_pid() GROUP BY 1"
+            ).fetchall()
+            return Counter({kind: count for kind, count in rows})
+
+        yield sample
 
 
 def _alive_workers(url: str) -> int:
@@ -515,7 +546,7 @@ def run_queue_depth(args: argparse.Namespace, server_url: str) -> list[dict[str,
                **_query_side_by_side(sessions, args.depth_claims)}
         rows.append(row)
         print(f"queue depth {depth}: claim p50 {row['claim_ms_p50']} ms, p99 {row['claim_ms_p99']} ms; the query "
-              f"alone: {row['query_ms_p50']} ms, its previous form {row['previous_query_ms_p50']} ms", flush=True)
+              f"alone (server time): {row['query_ms_p50']} ms, its previous form {row['previous_query_ms_p50']} ms", flush=True)
     sessions.kw["bind"].dispose()
     return rows
 
@@ -538,9 +569,9 @@ def previous_next_job_query(now: datetime, loaded: list[str], affinity_seconds: 
 
 
 def _query_side_by_side(sessions, repeats: int) -> dict[str, Any]:
-    """The claim's SELECT ... FOR UPDATE SKIP LOCKED alone (rolled back; compile and round trip
-    included), the current form and the previous one in turn, on the same queue; both must pick
-    the same job."""
+    """The claim's SELECT ... FOR UPDATE SKIP LOCKED alone, the current form and the previous one in
+    turn on the same queue, timed by the server (EXPLAIN ANALYZE, TIMING OFF: planning + execution,
+    no round trip, so the box's load adds less noise); both must pick the same job."""
     from fluxserve.jobs.store import next_job_query
     from fluxserve.jobs.tables import Job, utcnow
 
@@ -554,10 +585,15 @@ def _query_side_by_side(sessions, repeats: int) -> dict[str, Any]:
         pair = [("current", next_job_query(now, loaded=[MODELS[0]], affinity_seconds=30.0)),
                 ("previous", previous_next_job_query(now, [MODELS[0]], 30.0))]
         for name, query in pair[::-1] if repeat % 2 else pair:  # in turn: neither always goes first
+            query = query.with_for_update(of=Job, skip_locked=True)
             with sessions() as session:
-                began = time.perf_counter()
-                picked[name] = session.scalar(query.with_for_update(of=Job, skip_locked=True))
-                times[name].append(time.perf_counter() - began)
+                picked[name] = session.scalar(query)
+                session.rollback()
+                compiled = query.compile(dialect=session.get_bind().dialect,
+                                         compile_kwargs={"render_postcompile": True})
+                plan = session.connection().exec_driver_sql(
+                    f"EXPLAIN (ANALYZE, TIMING OFF, FORMAT JSON) {compiled}", compiled.params).scalar()
+                times[name].append((plan[0]["Planning Time"] + plan[0]["Execution Time"]) / 1000)
                 session.rollback()
         same = same and picked["current"] == picked["previous"]
     return {"query_ms_p50": ms(percentile(times["current"], 0.5)),
@@ -756,13 +792,16 @@ def print_report(result: dict[str, Any]) -> None:
         print(f"\nscaling at {result['config']['job_seconds']} s jobs (ideal jobs/s = workers / job seconds)")
         print_table(
             ["workers", "procs", "jobs/s", "ideal", "ratio", "claim p50 ms", "claim p99 ms", "finish p99 ms",
-             "cores workers", "cores pg", "machine busy %", "ledger"],
+             "cores workers", "cores pg", "cpu ms/job workers", "cpu ms/job pg", "pg active", "pg lock waits",
+             "machine busy %", "ledger"],
             [[r["workers"], r["processes"], r["jobs_per_s"], r["ideal_jobs_per_s"], f"{r['ratio']:.3f}",
               r["claim_ms_p50"], r["claim_ms_p99"], r["finish_ms_p99"], r["cpu"]["cores_workers"],
-              r["cpu"]["cores_postgres"], r["cpu"]["machine_busy_pct"], "ok" if r["ledger"]["ok"] else "BROKEN"]
+              r["cpu"]["cores_postgres"], r["cpu_ms_per_job_workers"], r["cpu_ms_per_job_postgres"],
+              r["pg_active_backends_mean"], _lock_waits(r), r["cpu"]["machine_busy_pct"],
+              "ok" if r["ledger"]["ok"] else "BROKEN"]
              for r in result["scaling"]])
     if result.get("queue_depth"):
-        print("\nclaim latency vs jobs queued (one worker); the claim's SELECT alone, now and in its previous form")
+        print("\nclaim latency vs jobs queued (one worker); the claim's SELECT alone (server time), now and before")
         print_table(["queued", "claim p50 ms", "claim p99 ms", "finish p50 ms", "query p50 ms", "previous p50 ms",
                      "same job"],
                     [[r["queued"], r["claim_ms_p50"], r["claim_ms_p99"], r["finish_ms_p50"], r["query_ms_p50"],
@@ -786,6 +825,11 @@ def print_report(result: dict[str, Any]) -> None:
                     [[r["affinity_seconds"], r["workers"], r["jobs_done"], r["jobs_per_s"], r["swaps"],
                       r["first_loads"], r["waited_s_p50"], r["waited_s_p99"], r["waited_s_max"],
                       "ok" if r["ledger"]["ok"] else "BROKEN"] for r in result["affinity"]])
+
+
+def _lock_waits(row: dict[str, Any]) -> float:
+    """Mean backends waiting on a heavyweight lock (Lock:*) per sample."""
+    return round(sum(v for k, v in row["pg_active_by_wait"].items() if k.startswith("Lock:")), 2)
 
 
 def _ints(text: str) -> list[int]:
