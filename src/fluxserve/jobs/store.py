@@ -67,8 +67,8 @@ def next_job_query(now: datetime, *, loaded: Sequence[str] = (), affinity_second
 
     When each key was last served is looked up once per key with a claimable job (a materialized
     CTE joined to the queue), not once per queued job: as a correlated subquery in the ORDER BY it ran
-    for every queued row, so a claim cost grew with the queue (about 60 ms at 10,000 queued jobs
-    on PostgreSQL, measured by bench/control_plane.py)."""
+    for every queued row, so a claim cost grew with the queue (40-90 ms of server time at 10,000
+    queued jobs on PostgreSQL, 15 ms now: bench/control_plane.py, BENCHMARKS.md)."""
     claimable = _claimable(now)
     if models is not None:
         claimable = claimable & Job.model.in_(list(models))
