@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import delete, select, update
 
 from fluxserve.jobs.status import JobStatus
-from fluxserve.jobs.store import JobStore
+from fluxserve.jobs.store import JobStore, next_job_query
 from fluxserve.jobs.tables import ApiKey, Job, WebhookDelivery, utcnow
 from fluxserve.keys import KeyStore
 from tests.support.postgres import create_database
@@ -767,3 +767,30 @@ def test_release_puts_a_running_job_back_uncounted_and_a_stop_is_no_wait(store, 
     assert store.release(job.id, again.claim_token, 0.0)
     assert store.get(job.id).waits == 1
     assert not store.release(job.id, again.claim_token, 0.0)  # not running any more
+
+
+def _plan_nodes(plan: dict) -> list[dict]:
+    """Every node of a PostgreSQL JSON plan, depth first."""
+    return [plan, *(node for child in plan.get("Plans", []) for node in _plan_nodes(child))]
+
+
+def test_a_claim_looks_up_each_waiting_keys_last_service_once_not_once_per_queued_job(store, sessions, key_id, db_url):
+    """The fair-share lookup (when a key was last served) ran as a correlated subquery for every
+    queued row, so a claim's cost grew with the queue (bench/control_plane.py: ~60 ms at 10,000
+    queued). PostgreSQL's own count of executions says it now runs once per waiting key."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("the executions counted are PostgreSQL's (EXPLAIN ANALYZE)")
+    other = KeyStore(sessions).create("other")[0].id
+    for index in range(60):
+        add_job(store, key_id if index % 2 else other, model="flux" if index % 3 else "flux-klein")
+    served = store.claim_next()  # one key has been served, the other not yet
+    query = next_job_query(utcnow(), loaded=["flux-klein"], affinity_seconds=30).with_for_update(of=Job, skip_locked=True)
+    with sessions() as session:
+        compiled = query.compile(dialect=session.get_bind().dialect, compile_kwargs={"render_postcompile": True})
+        (plan,), = session.connection().exec_driver_sql(
+            f"EXPLAIN (ANALYZE, FORMAT JSON) {compiled}", compiled.params).one()
+    lookups = [node for node in _plan_nodes(plan["Plan"]) if node.get("Index Name") == "ix_jobs_key_started"
+               or (node.get("Relation Name") == "jobs" and node.get("Alias") == "jobs_1")]
+    assert lookups, plan  # the last-served lookup is in the plan
+    assert max(node["Actual Loops"] for node in lookups) <= 2  # once per waiting key (2), not per queued job (59)
+    assert store.claim_next(loaded=["flux-klein"], affinity_seconds=30).key_id != served.key_id  # fair share holds

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, delete, func, or_, select, text, update
+from sqlalchemy import Select, case, delete, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
@@ -74,6 +74,33 @@ def _claimable(now: datetime):
 def _silent_since(cutoff: datetime):
     """No heartbeat since ``cutoff`` (NULL: claimed by a release that did not beat)."""
     return or_(Job.heartbeat_at < cutoff, Job.heartbeat_at.is_(None))
+
+
+def next_job_query(now: datetime, *, loaded: Sequence[str] = (), affinity_seconds: float = 0.0,
+                   models: Sequence[str] | None = None) -> Select[int]:
+    """The id of the job ``JobStore.claim_next`` takes next (its docstring says which).
+
+    When each key was last served is looked up once per key with a claimable job (a materialized
+    CTE joined to the queue), not once per queued job: as a correlated subquery in the ORDER BY it ran
+    for every queued row, so a claim cost grew with the queue (40-90 ms of server time at 10,000
+    queued jobs on PostgreSQL, 15 ms now: bench/control_plane.py, BENCHMARKS.md)."""
+    claimable = _claimable(now)
+    if models is not None:
+        claimable = claimable & Job.model.in_(list(models))
+    waiting = select(Job.key_id).where(claimable).distinct().subquery("waiting")
+    served = aliased(Job)
+    last_served = (select(func.max(served.started_at))
+                   .where(served.key_id == waiting.c.key_id, served.started_at.is_not(None)).scalar_subquery())
+    # MATERIALIZED: computed once; as a plain subquery PostgreSQL may flatten it into the join or
+    # rescan it per queued job, running the lookup per job again
+    fairness = (select(waiting.c.key_id, last_served.label("last_served")).cte("fairness")
+                .prefix_with("MATERIALIZED", dialect="postgresql"))
+    order = []
+    if loaded:
+        waited_enough = Job.created_at <= now - timedelta(seconds=affinity_seconds)
+        order.append(case((or_(Job.model.in_(list(loaded)), waited_enough), 0), else_=1))
+    return (select(Job.id).join(fairness, fairness.c.key_id == Job.key_id).where(claimable)
+            .order_by(*order, fairness.c.last_served.asc().nulls_first(), Job.id).limit(1))
 
 
 def failure_payload(job: Job, message: str) -> dict[str, Any]:
@@ -244,18 +271,7 @@ class JobStore:
         ``models`` limits the worker to its model group. On PostgreSQL the row is taken with
         ``FOR UPDATE SKIP LOCKED``, so concurrent workers take different jobs without retrying."""
         while True:
-            now = utcnow()
-            served = aliased(Job)
-            last_served = (select(func.max(served.started_at))
-                           .where(served.key_id == Job.key_id, served.started_at.is_not(None)).scalar_subquery())
-            query = select(Job.id).where(_claimable(now))
-            if models is not None:
-                query = query.where(Job.model.in_(list(models)))
-            order = []
-            if loaded:
-                waited_enough = Job.created_at <= now - timedelta(seconds=affinity_seconds)
-                order.append(case((or_(Job.model.in_(list(loaded)), waited_enough), 0), else_=1))
-            query = query.order_by(*order, last_served.asc().nulls_first(), Job.id).limit(1)
+            query = next_job_query(utcnow(), loaded=loaded, affinity_seconds=affinity_seconds, models=models)
             with self._sessions.begin() as session:
                 if session.get_bind().dialect.name == "postgresql":
                     query = query.with_for_update(of=Job, skip_locked=True)
