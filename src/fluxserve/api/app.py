@@ -35,6 +35,7 @@ from fluxserve.events import JobEvents
 from fluxserve.jobs.database import open_database
 from fluxserve.jobs.deliveries import WebhookDeliveries
 from fluxserve.jobs.store import JobStore
+from fluxserve.jobs.workers import WorkerRegistry
 from fluxserve.keys import KeyStore
 from fluxserve.metrics import Metrics
 from fluxserve.models import Registry
@@ -62,8 +63,17 @@ def create_app(
     deliveries = WebhookDeliveries(sessions, retry_seconds=settings.webhook_retry_seconds)
     metrics.bind(queue_depth=jobs.queue_depth, running=jobs.running_count, dead_letters=deliveries.dead_count)
 
+    workers = WorkerRegistry(sessions)
+
     def worker_status() -> dict:
-        return getattr(getattr(host, "link", None), "last_status", {}) or {}
+        """The local workers' last status (``supervisor.WorkerPool``); nothing without them."""
+        return getattr(host, "last_status", None) or getattr(getattr(host, "link", None), "last_status", {}) or {}
+
+    def live_workers(model: str | None = None) -> int:
+        """Workers of the cluster that beat within the lease (and claim ``model``'s jobs)."""
+        return sum(1 for row in workers.alive(settings.lease_seconds)
+                   if model is None or not (row.status or {}).get("model_group")
+                   or model in row.status["model_group"])
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -81,10 +91,12 @@ def create_app(
                     inputs=LocalStorage(settings.inputs_dir, settings.base_url),
                     events=events, http=http, health=app.state.health,
                     dependency_status=lambda: dict(worker_status().get("dependencies") or {}),
+                    live_workers=live_workers,
                 ),
                 keys=KeyStore(sessions),
                 host=host,
                 worker_status=worker_status,
+                workers=workers,
                 reload_settings=reload_settings,
                 storage_configs=storage_configs,
                 deliveries=deliveries,
