@@ -39,7 +39,7 @@ def test_a_running_worker_is_registered_with_its_gpu_beats_and_leaves_when_it_st
     assert workers.alive(LEASE) == []  # left the registry on stopping
 
 
-def test_a_busy_worker_says_so_with_its_job(make_worker, make_job, store, sessions, engine):
+def test_a_busy_worker_says_so_with_its_job(make_worker, make_job, store, sessions, engine, registry):
     workers, membership = _member(sessions)
     engine.steps, engine.step_seconds = 20, 0.05  # a job of about a second
     worker = make_worker(membership=membership)
@@ -52,7 +52,11 @@ def test_a_busy_worker_says_so_with_its_job(make_worker, make_job, store, sessio
         row = wait_until(lambda: next((r for r in workers.alive(LEASE)
                                        if r.status.get("state") == "idle" and r.status.get("jobs_done") == 1), None),
                          5, "an idle beat after the job")
-        assert row.models == ["flux-klein"]  # the model it loaded for the job
+        # the model it loaded for the job, by registry name, with every model sharing its weights
+        klein = registry.get("flux-klein")
+        assert "flux-klein" in row.models
+        assert row.models == [spec.name for spec in registry.specs() if spec.pipeline_key == klein.pipeline_key]
+        assert row.status["pipelines"] == [klein.pipeline_key]
     assert worker.busy is False
 
 
@@ -89,7 +93,7 @@ def test_a_worker_forgets_the_workers_that_stopped_beating(make_worker, sessions
 def test_beats_survive_a_database_outage(sessions):
     """A beat that fails is retried on the next one (the row is made again if a replica removed it)."""
     workers, membership = _member(sessions)
-    membership._describe = lambda: (["flux"], {"state": "idle"})
+    membership._describe = lambda: (["flux"], {"state": "idle"})  # as Worker.cluster_status answers
     membership.tick()
     (row,) = workers.alive(LEASE)
     workers.leave(row.id)  # e.g. removed as dead by a replica while this worker was paused

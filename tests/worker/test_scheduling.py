@@ -47,7 +47,7 @@ def test_the_claim_passes_the_loaded_models_the_affinity_and_the_model_group(mak
     for claim in spy.claims:
         assert claim["affinity_seconds"] == 12.5
         assert claim["models"] == ("flux", "flux-fill")
-        assert claim["loaded"] == ["flux"]  # Engine.loaded(), asked at each claim
+        assert claim["loaded"] == ["flux"]  # Engine.loaded()'s pipelines as model names, asked at each claim
 
 
 def test_a_worker_claims_only_its_model_group(make_worker, make_job, store):
@@ -103,3 +103,20 @@ def test_a_negative_affinity_is_refused(tmp_path):
     with pytest.raises(ValidationError) as caught:
         Settings(data_dir=tmp_path, affinity_seconds=-1)
     assert settings_problems(caught.value)[0].startswith("FLUXSERVE_AFFINITY_SECONDS:")
+
+
+def test_loaded_pipelines_map_to_every_model_sharing_them(make_worker, registry, engine):
+    """Engine.loaded() names pipelines (class and weights); models sharing them are all loaded."""
+    worker = make_worker()
+    assert worker.loaded_models() == []
+    engine.load(registry.get("realtime"))
+    shared = [spec.name for spec in registry.specs() if spec.pipeline_key == registry.get("realtime").pipeline_key]
+    assert "realtime" in shared and worker.loaded_models() == shared
+
+
+def test_the_production_engine_names_pipelines_as_model_specs_do():
+    from fluxserve.engine.loading import _key
+    from fluxserve.models import Registry
+
+    for spec in Registry.build().specs():
+        assert _key((spec.pipeline, spec.source)) == spec.pipeline_key

@@ -46,10 +46,12 @@ def _cluster_workers(services) -> list[dict]:
         return []
     settings = services.generation.settings
     return [{"id": row.id, "host": row.host, "pid": row.pid, "gpu": row.gpu, "models_loaded": row.models,
+             "pipelines": (row.status or {}).get("pipelines") or [],
              "state": (row.status or {}).get("state"), "model_group": (row.status or {}).get("model_group"),
              "device": (row.status or {}).get("device"), "jobs_done": (row.status or {}).get("jobs_done"),
              "running": (row.status or {}).get("running", []), "gpu_memory": (row.status or {}).get("gpu_memory"),
              "dependencies": (row.status or {}).get("dependencies") or {},
+             "cuda_visible_devices": (row.status or {}).get("cuda_visible_devices"),
              "started_at": row.started_at.isoformat(), "last_beat": row.heartbeat_at.isoformat()}
             for row in services.workers.alive(settings.lease_seconds)]
 
@@ -70,8 +72,8 @@ async def system_details(server: str, _key: AdminKey, services: ServicesDep) -> 
         run_in_threadpool(jobs.oldest_queued_age), run_in_threadpool(_cluster_workers, services),
     )
     models = list(status.get("models_loaded", []))
-    for worker in workers:  # what every worker of the cluster holds, not only this server's
-        models += [name for name in worker["models_loaded"] or [] if name not in models]
+    for worker in workers:  # the pipelines every worker of the cluster holds, not only this server's
+        models += [name for name in worker["pipelines"] if name not in models]
     away = _away(services)
     return {
         "status": "degraded" if away else "ok",

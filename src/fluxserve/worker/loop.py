@@ -206,7 +206,7 @@ class Worker:
             if self._should_stop():  # looked at right before each claim
                 break
             try:
-                job = self.jobs.claim_next(loaded=self.engine.loaded(), affinity_seconds=self.config.affinity_seconds,
+                job = self.jobs.claim_next(loaded=self.loaded_models(), affinity_seconds=self.config.affinity_seconds,
                                            models=self.config.models)
             except Exception as exc:  # noqa: BLE001 - a store hiccup must not kill the worker
                 self._store_trouble(exc, "claiming a job failed")
@@ -326,6 +326,12 @@ class Worker:
             self.report_status()
         # WAKE needs no action: returning from the wait is the point
 
+    def loaded_models(self, pipelines: list[str] | None = None) -> list[str]:
+        """The registry names of the models whose pipeline the engine holds (``Engine.loaded()``
+        names pipelines, ``ModelSpec.pipeline_key``; models sharing weights share one)."""
+        held = set(self.engine.loaded() if pipelines is None else pipelines)
+        return [spec.name for spec in self.registry.specs() if spec.pipeline_key in held]
+
     @property
     def busy(self) -> bool:
         """Whether a job is in hand (generating, or being finished)."""
@@ -338,7 +344,9 @@ class Worker:
         with self._held_lock:
             running = sorted(self._held)
         last = self._last_report
-        return list(self._reported_models), {
+        pipelines = list(self._reported_models)
+        return self.loaded_models(pipelines), {
+            "pipelines": pipelines,
             "state": "stopping" if self._stopping.is_set() else "busy" if running else "idle",
             "running": running, "jobs_done": self.jobs_done, "device": self.engine.device,
             "model_group": list(self.config.models) if self.config.models else None,
