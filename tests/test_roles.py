@@ -7,7 +7,9 @@ drains it like serve (and a second one stops it at once)."""
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
 import time
 
 import httpx
@@ -19,6 +21,7 @@ from fluxserve.jobs.tables import Job
 from tests.support.postgres import PostgresUnavailable, postgres_cluster, postgres_required
 from tests.support.process_server import ServerProcess, WorkerProcess, _alive
 from tests.support.waiting import wait_for_job, wait_until
+from tests.test_readme import worker_blocks
 
 KLEIN = "/api/v1/enterprise/flux_klein/text2img"
 DETAILS = "/api/v1/enterprise/flux_klein/system_details"
@@ -88,6 +91,13 @@ def test_the_api_alone_queues_and_a_worker_process_elsewhere_generates(roles):
         metrics = httpx.get(f"{worker.base_url}/metrics", timeout=5).text
         assert 'fluxserve_jobs_finished_total{outcome="succeeded"} 1.0' in metrics
         assert "fluxserve_workers_alive 1.0" in metrics and "fluxserve_workers_busy 0.0" in metrics
+        # the README's block for the worker's port works as pasted (on this worker's port)
+        (block,) = worker_blocks()
+        script = block.replace("http://127.0.0.1:9100", worker.base_url)
+        run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout.splitlines()[0])["status"] == "ok"
+        assert "fluxserve_workers_busy 0.0" in run.stdout
 
         # system_details (asked of the API) lists the worker process, from the shared registry
         details = wait_until(lambda: (d := _details(client, admin))["workers"] and d["workers"][0]["models_loaded"]

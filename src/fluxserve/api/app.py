@@ -70,10 +70,8 @@ def create_app(
         return getattr(host, "last_status", None) or getattr(getattr(host, "link", None), "last_status", {}) or {}
 
     def live_workers(model: str | None = None) -> int:
-        """Workers of the cluster that beat within the lease (and claim ``model``'s jobs)."""
-        return sum(1 for row in workers.alive(settings.lease_seconds)
-                   if model is None or not (row.status or {}).get("model_group")
-                   or model in row.status["model_group"])
+        """Workers of the cluster that beat within the lease and claim ``model``'s jobs."""
+        return workers.count_alive(settings.lease_seconds, model)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
