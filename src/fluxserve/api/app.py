@@ -3,6 +3,7 @@ which talks to the API only through the job store (and in-process events)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -42,6 +43,8 @@ from fluxserve.models import Registry
 from fluxserve.storage.configs import StorageConfigs
 from fluxserve.storage.local import LocalStorage
 
+LIVE_WORKERS_TTL_SECONDS = 1.0
+
 
 def create_app(
     settings: Settings,
@@ -69,9 +72,16 @@ def create_app(
         """The local workers' last status (``supervisor.WorkerPool``); nothing without them."""
         return getattr(host, "last_status", None) or getattr(getattr(host, "link", None), "last_status", {}) or {}
 
+    counted: dict[str | None, tuple[float, int]] = {}
+
     def live_workers(model: str | None = None) -> int:
-        """Workers of the cluster that beat within the lease and claim ``model``'s jobs."""
-        return workers.count_alive(settings.lease_seconds, model)
+        """Workers of the cluster that beat within the lease and claim ``model``'s jobs (read at
+        most once a second per model: every processing answer's eta asks)."""
+        now = time.monotonic()
+        cached = counted.get(model)
+        if cached is None or now - cached[0] >= LIVE_WORKERS_TTL_SECONDS:
+            cached = counted[model] = (now, workers.count_alive(settings.lease_seconds, model))
+        return cached[1]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
