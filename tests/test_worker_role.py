@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from fluxserve.cli import app
 from fluxserve.config import Settings
-from fluxserve.supervisor import _thread_settings
+from fluxserve.supervisor import _process_settings, _thread_settings
 
 
 @pytest.fixture(autouse=True)
@@ -81,3 +81,10 @@ def test_the_worker_port_answers_503_while_its_workers_are_not_running(tmp_path)
 ])
 def test_a_thread_worker_is_given_its_gpu_as_its_device(device, gpu, expected):
     assert _thread_settings(Settings(device=device), gpu).device == expected
+
+
+@pytest.mark.parametrize(("device", "gpu", "expected"), [
+    ("cuda:3", "1", "cuda:0"), ("cuda", "1", "cuda"), ("auto", "1", "auto"), ("cpu", "1", "cpu"), ("cuda:3", None, "cuda:3"),
+])
+def test_a_worker_process_given_one_gpu_sees_it_as_cuda_0(device, gpu, expected):
+    assert _process_settings(Settings(device=device), gpu).device == expected

@@ -167,6 +167,14 @@ def _thread_settings(settings: Settings, gpu: str | None) -> Settings:
     return settings.model_copy(update={"device": f"cuda:{gpu}"})
 
 
+def _process_settings(settings: Settings, gpu: str | None) -> Settings:
+    """A worker process given one GPU sees it as ``cuda:0``: a device set as ``cuda:N`` means that
+    one GPU there."""
+    if gpu is None or not settings.device.startswith("cuda:"):
+        return settings
+    return settings.model_copy(update={"device": "cuda:0"})
+
+
 def _child_main(settings_data: dict[str, Any], reports: Any, commands: Any, parent_pid: int,
                 stop: Any = None, gpu: str | None = None) -> None:
     """Entry point of the worker process. With ``gpu``, it sees that GPU alone
@@ -176,7 +184,7 @@ def _child_main(settings_data: dict[str, Any], reports: Any, commands: Any, pare
     whole cgroup); a second signal puts its jobs back and exits."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    settings = Settings(**settings_data)
+    settings = _process_settings(Settings(**settings_data), gpu)
     configure_logging(logging.INFO, settings.log_format)
     built: list[Worker] = []
     signalled = threading.Event()
