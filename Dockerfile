@@ -51,6 +51,7 @@ ENV PATH=/opt/fluxserve/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     FLUXSERVE_HOST=0.0.0.0 \
     FLUXSERVE_PORT=8000 \
+    FLUXSERVE_WORKER_HOST=0.0.0.0 \
     FLUXSERVE_DATA_DIR=/data \
     HF_HOME=/models/huggingface
 VOLUME ["/data", "/models"]

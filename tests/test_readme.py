@@ -21,9 +21,18 @@ EXAMPLE_MASK = EXAMPLE_IMAGE.replace(".png", "_mask.png")
 
 def curl_blocks() -> list[str]:
     """The runnable examples (a block starting "# needs your bucket" needs real S3 details; its
-    path is covered by tests/api/test_s3_delivery.py)."""
+    path is covered by tests/api/test_s3_delivery.py; one for the worker role's port is run by
+    tests/test_roles.py against a real ``fluxserve worker``)."""
     blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
-    return [block for block in blocks if "curl " in block and not block.startswith("# needs your")]
+    return [block for block in blocks if "curl " in block and not block.startswith(("# needs your", WORKER_BLOCK))]
+
+
+WORKER_BLOCK = "# needs a running `fluxserve worker`"  # run against a real worker role by tests/test_roles.py
+
+
+def worker_blocks() -> list[str]:
+    return [block for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+            if block.startswith(WORKER_BLOCK)]
 
 
 def json_objects(text: str) -> list[dict]:

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -34,14 +34,14 @@ def _load_settings(env_file: Path | None = None, **overrides) -> Settings:
     return Settings(_env_file=chosen, **given) if chosen else Settings(**given)
 
 
-def _settings(env_file: Path | None = None, **overrides) -> Settings:
+def _settings(env_file: Path | None = None, *, flags: Any = None, **overrides) -> Settings:
     """:func:`_load_settings` for a command: a refused setting ends it before it does anything,
-    with one line per problem naming the variable (and the flag, ``overrides`` being the
-    command's flags) on stderr, and status 2."""
+    with one line per problem naming the variable (and the flag, ``flags`` being the fields set
+    by a flag of the same name, by default every one of ``overrides``) on stderr, and status 2."""
     try:
         return _load_settings(env_file, **overrides)
     except ValidationError as exc:
-        for line in settings_problems(exc, flags=overrides):
+        for line in settings_problems(exc, flags=overrides if flags is None else flags):
             typer.echo(line, err=True)
     except SettingsError as exc:  # a source pydantic-settings could not read at all
         typer.echo(f"configuration: {exc}", err=True)
@@ -65,16 +65,22 @@ def serve(
     database_url: DatabaseUrl = None,
     public_base_url: Annotated[str | None, typer.Option(help="Base of returned URLs [env FLUXSERVE_PUBLIC_BASE_URL].")] = None,
     worker: Annotated[str | None, typer.Option(help="process | thread [env FLUXSERVE_WORKER].")] = None,
+    run_worker: Annotated[bool | None, typer.Option(
+        "--run-worker/--no-worker",
+        help="Host the GPU workers here (default), or not: the API, webhooks and janitor alone; `fluxserve worker` "
+             "processes on the same PostgreSQL generate [env FLUXSERVE_RUN_WORKER].")] = None,
+    gpus: Annotated[str | None, typer.Option(help="all | 0,2: one worker process per GPU [env FLUXSERVE_GPUS].")] = None,
     env_file: Annotated[
         Path | None, typer.Option(help="Settings file re-read by update_server [env FLUXSERVE_ENV_FILE].")
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
 ) -> None:
-    """Run the API server with its GPU worker (embedded default: SQLite + local disk). SIGTERM
-    or Ctrl+C stops it gracefully (no new jobs; the running one gets FLUXSERVE_SHUTDOWN_GRACE_SECONDS
-    to finish, else goes back to the queue); a second one stops it at once."""
+    """Run the API server with its GPU workers, one per GPU (embedded default: SQLite + local
+    disk), or without them (--no-worker). SIGTERM or Ctrl+C stops it gracefully (no new jobs; the
+    running ones get FLUXSERVE_SHUTDOWN_GRACE_SECONDS to finish, else go back to the queue); a
+    second one stops it at once."""
     flags = dict(host=host, port=port, models=models, data_dir=data_dir, database_url=database_url,
-                 public_base_url=public_base_url, worker=worker)
+                 public_base_url=public_base_url, worker=worker, run_worker=run_worker, gpus=gpus)
     settings = _settings(env_file, **flags)  # first: a refused setting starts nothing
 
     from fluxserve.runtime import build_server_app
@@ -153,6 +159,39 @@ def doctor(
         failed = failed or check.level == "FAIL"
     if failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def worker(
+    gpus: Annotated[str | None, typer.Option(help="all | 0,2: one worker process per GPU [env FLUXSERVE_GPUS].")] = None,
+    models: Annotated[str | None, typer.Option(help="real | tiny [env FLUXSERVE_MODELS].")] = None,
+    worker_models: Annotated[str | None, typer.Option(
+        help="The model group claimed: model names, comma-separated; default every model [env FLUXSERVE_WORKER_MODELS].",
+    )] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address of /health and /metrics [env FLUXSERVE_WORKER_HOST].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port of /health and /metrics [env FLUXSERVE_WORKER_PORT].")] = None,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+    mode: Annotated[str | None, typer.Option(help="process | thread [env FLUXSERVE_WORKER].")] = None,
+    env_file: Annotated[Path | None, typer.Option(help="Settings file [env FLUXSERVE_ENV_FILE].")] = None,
+    log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
+) -> None:
+    """Run GPU workers alone, one process per GPU, claiming jobs from the shared database (use
+    PostgreSQL: the API runs elsewhere, `fluxserve serve --no-worker`). No public API: GET /health
+    and GET /metrics on FLUXSERVE_WORKER_HOST:FLUXSERVE_WORKER_PORT (127.0.0.1:9100). SIGTERM stops
+    it gracefully like serve."""
+    overrides = dict(gpus=gpus, models=models, worker_models=worker_models, worker_host=host, worker_port=port,
+                     data_dir=data_dir, database_url=database_url, worker=mode)
+    settings = _settings(env_file, flags={"gpus", "models", "worker_models", "data_dir", "database_url"}, **overrides)
+
+    from fluxserve.worker_service import run_worker_service
+
+    configure_logging(log_level, settings.log_format)
+    if settings.resolved_database_url.startswith("sqlite"):
+        logging.getLogger("fluxserve").warning(
+            "this worker's database is SQLite (%s): only a server on this machine, with the same data folder, "
+            "sees its jobs; set FLUXSERVE_DATABASE_URL to the PostgreSQL the API uses", settings.resolved_database_url)
+    run_worker_service(settings, log_level)  # SIGTERM/SIGINT: a graceful stop (see fluxserve.serving)
 
 
 @keys_app.command("create")

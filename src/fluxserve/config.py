@@ -28,7 +28,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from fluxserve.engine.switches import Optimizations
 from fluxserve.loras import check_hub_id
-from fluxserve.models import Registry
+from fluxserve.models import Registry, UnknownModel
 from fluxserve.units import parse_bytes
 
 ENV_PREFIX = "FLUXSERVE_"
@@ -88,6 +88,21 @@ class Settings(BaseSettings):
     worker: Literal["process", "thread"] = Field(
         "process", description="process: the GPU worker runs in a child process the server restarts if it dies."
     )
+    run_worker: bool = Field(
+        True, description="serve only: host the GPU workers in this server (false: the API, webhooks and janitor "
+        "alone; `fluxserve worker` processes elsewhere, on the same PostgreSQL, generate).")
+    gpus: str = Field(
+        "all", description='GPUs to run one worker process each on: "all" (every visible GPU; one worker when there '
+        'is none) or indices such as "0,2". Each process sees only its GPU (CUDA_VISIBLE_DEVICES).')
+    worker_host: str = Field(
+        "127.0.0.1", description="fluxserve worker: bind address of its /health and /metrics port (0.0.0.0 in containers).")
+    worker_port: int = Field(9100, ge=1, le=65535, description="fluxserve worker: port of /health and /metrics.")
+    worker_models: Annotated[list[str] | None, NoDecode] = Field(
+        None, description="The model group this server's workers claim jobs for: comma-separated model names "
+        "(aliases allowed); unset: every model.")
+    affinity_seconds: float = Field(
+        30.0, ge=0, description="A worker prefers jobs for the models it holds loaded unless a job for another "
+        "model has waited this long (no model swap per job; no starvation).")
     lease_seconds: float = Field(15.0, gt=0, description="A running job whose worker is silent this long is retried.")
     heartbeat_seconds: float = Field(2.0, gt=0, description="How often a worker confirms it is alive.")
     shutdown_grace_seconds: float = Field(
@@ -168,6 +183,39 @@ class Settings(BaseSettings):
             return json.loads(value)
         except json.JSONDecodeError as exc:
             raise ValueError(f"not valid JSON ({exc})") from None
+
+    @field_validator("gpus")
+    @classmethod
+    def _check_gpus(cls, value: str) -> str:
+        from fluxserve.gpus import parse_gpus
+
+        parse_gpus(value)
+        return value.strip().lower()
+
+    @field_validator("worker_models", mode="before")
+    @classmethod
+    def _split_worker_models(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            names = [name.strip() for name in value.split(",") if name.strip()]
+            return names or None
+        return value
+
+    @field_validator("worker_models")
+    @classmethod
+    def _check_worker_models(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        """Registry names (aliases become their model's name); an unknown name is refused with the known ones."""
+        if value is None:
+            return None
+        registry = Registry.build(info.data.get("model_overrides") or {})
+        names: list[str] = []
+        for name in value:
+            try:
+                canonical = registry.get(name).name
+            except UnknownModel:
+                raise ValueError(f"unknown model {name!r}; known: {', '.join(registry.names())}") from None
+            if canonical not in names:
+                names.append(canonical)
+        return names
 
     @field_validator("public_base_url")
     @classmethod

@@ -44,9 +44,18 @@ class Metrics:
         )
         self.queue_depth = Gauge("fluxserve_queue_depth", "Jobs waiting in the queue", registry=self.registry)
         self.running = Gauge("fluxserve_jobs_running", "Jobs being generated", registry=self.registry)
+        self.workers_busy = Gauge(
+            "fluxserve_workers_busy", "Worker processes of this server with a job in hand", registry=self.registry)
+        self.workers_alive = Gauge(
+            "fluxserve_workers_alive", "Worker processes of this server that are running", registry=self.registry)
         self.gpu_memory = Gauge(
             "fluxserve_gpu_memory_bytes", "GPU memory as last reported by the worker", ["kind"], registry=self.registry
         )
+
+    def bind_workers(self, busy: Callable[[], float], alive: Callable[[], float]) -> None:
+        """The workers this process hosts (``supervisor.WorkerPool``)."""
+        self.workers_busy.set_function(busy)
+        self.workers_alive.set_function(alive)
 
     def bind(self, queue_depth: Callable[[], float], running: Callable[[], float],
              dead_letters: Callable[[], float] | None = None) -> None:

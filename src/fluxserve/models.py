@@ -34,6 +34,12 @@ class ModelSpec:
         return self.family.pipeline
 
     @property
+    def pipeline_key(self) -> str:
+        """How the engine names a loaded pipeline (``Engine.loaded()``): models with the same
+        class and weights share one (e.g. realtime and flux-klein)."""
+        return f"{self.pipeline}:{self.source}"
+
+    @property
     def negative_prompt_supported(self) -> bool:
         return self.family.limits.negative_prompt
 

@@ -52,8 +52,9 @@ def build_enhancer(settings: Settings):
     return PromptEnhancer(openai=remote, local=local)
 
 
-def build_worker(settings: Settings, *, sink=None, commands=None, stop_requested=None):
-    """A worker for these settings (thread or child process: see ``supervisor``)."""
+def build_worker(settings: Settings, *, sink=None, commands=None, stop_requested=None, gpu: str | None = None):
+    """A worker for these settings (thread or child process: see ``supervisor``), a member of
+    the cluster's worker registry (``gpu``: the CUDA_VISIBLE_DEVICES it was given, if any)."""
     from fluxserve.engine.loading import PipelineCache, pick_device
     from fluxserve.engine.lora import Adapters
     from fluxserve.engine.optimize import Optimizations, compute_dtype
@@ -61,10 +62,12 @@ def build_worker(settings: Settings, *, sink=None, commands=None, stop_requested
     from fluxserve.engine.runner import Engine
     from fluxserve.jobs.database import open_database
     from fluxserve.jobs.store import JobStore
+    from fluxserve.jobs.workers import WorkerRegistry
     from fluxserve.loras import LoraCatalog
     from fluxserve.safety import SafetyChecker
     from fluxserve.storage.local import LocalStorage
     from fluxserve.worker import Worker, WorkerConfig
+    from fluxserve.worker.membership import Membership
 
     device = pick_device(settings.device)
     optimizations = Optimizations.from_strings(settings.optimizations or "")
@@ -81,7 +84,25 @@ def build_worker(settings: Settings, *, sink=None, commands=None, stop_requested
         inputs=LocalStorage(settings.inputs_dir, settings.base_url),
         config=WorkerConfig.from_settings(settings), storage_configs=build_storage(settings, sessions),
         enhancer=build_enhancer(settings), sink=sink, commands=commands, stop_requested=stop_requested,
+        membership=Membership(WorkerRegistry(sessions), gpu=gpu, every=settings.heartbeat_seconds,
+                              lease_seconds=settings.lease_seconds),
     )
+
+
+def build_pool(settings: Settings, events: JobEvents, metrics, jobs, gpus: list[str | None] | None = None):
+    """The workers this process hosts: one per GPU of ``FLUXSERVE_GPUS`` (``fluxserve.gpus``;
+    ``gpus`` replaces the detection), each a thread or a child process as ``FLUXSERVE_WORKER``
+    says. ``events`` wakes them all when a job is queued."""
+    from fluxserve.gpus import worker_gpus
+    from fluxserve.supervisor import ProcessWorkerHost, ThreadWorkerHost, WorkerLink, WorkerPool
+
+    chosen = worker_gpus(settings.gpus) if gpus is None else gpus
+    host_class = ProcessWorkerHost if settings.worker == "process" else ThreadWorkerHost
+    pool = WorkerPool([host_class(settings, WorkerLink(events, metrics), jobs, gpu=gpu) for gpu in chosen])
+    events.wake_worker = pool.wake
+    if len(chosen) > 1 or chosen[0] is not None:
+        log.info("%d worker(s), one per GPU: CUDA_VISIBLE_DEVICES %s", len(chosen), ", ".join(map(str, chosen)))
+    return pool
 
 
 def build_server_app(settings: Settings, reload_settings=None) -> FastAPI:
@@ -91,15 +112,16 @@ def build_server_app(settings: Settings, reload_settings=None) -> FastAPI:
     from fluxserve.jobs.database import open_database
     from fluxserve.jobs.store import JobStore
     from fluxserve.metrics import Metrics
-    from fluxserve.supervisor import ProcessWorkerHost, ThreadWorkerHost, WorkerLink
 
     registry = build_registry(settings)  # builds the tiny models once, before any worker starts
     sessions = open_database(settings.resolved_database_url)
     jobs = JobStore(sessions, webhook_retry_seconds=settings.webhook_retry_seconds)
     events, metrics = JobEvents(), Metrics()
-    host_class = ProcessWorkerHost if settings.worker == "process" else ThreadWorkerHost
-    host = host_class(settings, WorkerLink(events, metrics), jobs)
-    events.wake_worker = host.wake
+    host = build_pool(settings, events, metrics, jobs) if settings.run_worker else None
+    if host is None and settings.resolved_database_url.startswith("sqlite"):
+        log.warning("no worker runs in this server (FLUXSERVE_RUN_WORKER=false / --no-worker) and its database is "
+                    "SQLite: jobs are only queued, until a `fluxserve worker` on this machine, with the same "
+                    "FLUXSERVE_DATABASE_URL, takes them. Share a PostgreSQL database between machines.")
     background = _background_services(settings, sessions, jobs, metrics)
     listener = build_listener(settings, events)
     if listener is not None:
@@ -110,6 +132,10 @@ def build_server_app(settings: Settings, reload_settings=None) -> FastAPI:
         sessions=sessions,
         reload_settings=reload_settings or (lambda: settings), on_startup=lifecycle.start, on_shutdown=lifecycle.stop,
     )
+    if host is not None:
+        pool = host
+        metrics.bind_workers(busy=lambda: pool.busy,
+                             alive=lambda: sum(1 for one in pool.hosts if one.describe()["alive"]))
     app.state.lifecycle = lifecycle
     return app
 
@@ -135,14 +161,20 @@ class ServerLifecycle:
     BACKGROUND_STOP_SECONDS = 3.0  # a webhook POST cut short stays pending and is sent after the restart
 
     def __init__(self, host, events: JobEvents, background: list, grace_seconds: float):
+        # host: the WorkerPool, or None for an API without workers (``serve --no-worker``)
         self.host, self.events, self.background, self.grace_seconds = host, events, background, grace_seconds
         self._lock = threading.Lock()
         self._stopping = False
 
     def start(self) -> None:
-        self.host.start()
+        if self.host is not None:
+            self.host.start()
         for service in self.background:
             service.start()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     def begin_stop(self) -> None:
         with self._lock:
@@ -152,19 +184,22 @@ class ServerLifecycle:
         log.info("stopping: no new jobs are claimed; the job in hand has up to %.0fs to finish "
                  "(a second SIGTERM/SIGINT stops at once)", self.grace_seconds)
         self.events.shutdown()  # waiting requests answer now, progress streams send their last event
-        self.host.begin_stop()
+        if self.host is not None:
+            self.host.begin_stop()
 
     def stop(self) -> None:
         self.begin_stop()  # if no signal did (e.g. a test server told to exit)
-        self.host.stop()
-        log.info("worker stopped")
+        if self.host is not None:
+            self.host.stop()
+            log.info("worker stopped")
         for service in self.background:  # after the worker: its last jobs' webhooks may still go out
             service.stop(timeout=self.BACKGROUND_STOP_SECONDS)
         log.info("background services stopped")
 
     def force_stop(self) -> None:
         self.events.shutdown()
-        self.host.force_stop()
+        if self.host is not None:
+            self.host.force_stop()
 
 
 def _background_services(settings: Settings, sessions, jobs, metrics) -> list:

@@ -16,9 +16,9 @@ import signal
 import threading
 from collections.abc import Iterator
 from types import FrameType
+from typing import Any
 
 import uvicorn
-from fastapi import FastAPI
 
 from fluxserve.config import Settings
 from fluxserve.runtime import ServerLifecycle
@@ -55,10 +55,11 @@ class GracefulServer(uvicorn.Server):
         super().handle_exit(sig, frame)  # uvicorn's graceful shutdown (and sse_starlette's hook)
 
 
-def run_server(app: FastAPI, settings: Settings, log_level: str) -> None:
-    """Serve ``app`` (built by ``runtime.build_server_app``) until a signal stops it."""
+def run_server(app: Any, settings: Settings, log_level: str, host: str | None = None, port: int | None = None) -> None:
+    """Serve ``app`` (built by ``runtime.build_server_app``, or the worker role's small app of
+    ``worker_service``, on ``host``/``port``) until a signal stops it."""
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=log_level,
+        app, host=host or settings.host, port=port or settings.port, log_level=log_level,
         # a bound on draining connections (a slow upload, say); the worker's stop runs meanwhile
         timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace_seconds)),
     )

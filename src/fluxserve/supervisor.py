@@ -6,7 +6,10 @@ process: it wakes waiting requests, feeds metrics and keeps the worker's last st
 Stopping (``begin_stop``, then ``stop``): the worker stops claiming at once and gets
 ``shutdown_grace_seconds`` to finish the job in hand (then puts it back in the queue itself);
 a worker still busy STOP_SLACK_SECONDS past that is left (thread) or killed (process), and the
-jobs it still ran go back to the queue. ``force_stop`` (a second signal) does that at once."""
+jobs it still ran go back to the queue. ``force_stop`` (a second signal) does that at once.
+
+``WorkerPool``: the hosts of one server, one per GPU (each child process sees only its GPU),
+each with its own link, so that one dying puts back, and restarts, only its own jobs."""
 
 from __future__ import annotations
 
@@ -98,8 +101,8 @@ class ThreadWorkerHost:
 
     mode = "thread"
 
-    def __init__(self, settings: Settings, link: WorkerLink, jobs: JobStore):
-        self.settings, self.link, self.jobs = settings, link, jobs
+    def __init__(self, settings: Settings, link: WorkerLink, jobs: JobStore, gpu: str | None = None):
+        self.settings, self.link, self.jobs, self.gpu = settings, link, jobs, gpu
         self.commands: queue.Queue[Command] = queue.Queue()
         self.worker: Worker | None = None
         self._stop_deadline: float | None = None
@@ -107,7 +110,8 @@ class ThreadWorkerHost:
     def start(self) -> None:
         from fluxserve.runtime import build_worker
 
-        self.worker = build_worker(self.settings, sink=self.link, commands=self.commands)
+        self.worker = build_worker(_thread_settings(self.settings, self.gpu), sink=self.link, commands=self.commands,
+                                   gpu=self.gpu)
         self.worker.start()
 
     def begin_stop(self) -> None:
@@ -150,15 +154,37 @@ class ThreadWorkerHost:
 
     def describe(self) -> dict[str, Any]:
         alive = self.worker is not None and self.worker.alive
-        return {"mode": self.mode, "alive": alive, "pid": os.getpid(), "restarts": 0}
+        return {"mode": self.mode, "alive": alive, "pid": os.getpid(), "restarts": 0, "gpu": self.gpu,
+                "busy": bool(self.link.running)}
+
+
+def _thread_settings(settings: Settings, gpu: str | None) -> Settings:
+    """A thread shares the server's environment, so it can't be given its own
+    CUDA_VISIBLE_DEVICES: with a GPU index and the device left to choose (auto, cuda), its
+    device is that index (``cuda:N``)."""
+    if gpu is None or not gpu.isdigit() or settings.device not in ("auto", "cuda"):
+        return settings
+    return settings.model_copy(update={"device": f"cuda:{gpu}"})
+
+
+def _process_settings(settings: Settings, gpu: str | None) -> Settings:
+    """A worker process given one GPU sees it as ``cuda:0``: a device set as ``cuda:N`` means that
+    one GPU there."""
+    if gpu is None or not settings.device.startswith("cuda:"):
+        return settings
+    return settings.model_copy(update={"device": "cuda:0"})
 
 
 def _child_main(settings_data: dict[str, Any], reports: Any, commands: Any, parent_pid: int,
-                stop: Any = None) -> None:
-    """Entry point of the worker process. It stops (gracefully: ``Worker.request_stop``) when the
-    server sets ``stop`` or when a SIGTERM/SIGINT reaches it directly (Ctrl+C signals the whole
-    process group, systemd the whole cgroup); a second signal puts its jobs back and exits."""
-    settings = Settings(**settings_data)
+                stop: Any = None, gpu: str | None = None) -> None:
+    """Entry point of the worker process. With ``gpu``, it sees that GPU alone
+    (CUDA_VISIBLE_DEVICES, set before anything initialises CUDA: it is cuda:0 here).
+    It stops (gracefully: ``Worker.request_stop``) when the server sets ``stop`` or when a
+    SIGTERM/SIGINT reaches it directly (Ctrl+C signals the whole process group, systemd the
+    whole cgroup); a second signal puts its jobs back and exits."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    settings = _process_settings(Settings(**settings_data), gpu)
     configure_logging(logging.INFO, settings.log_format)
     built: list[Worker] = []
     signalled = threading.Event()
@@ -192,7 +218,8 @@ def _child_main(settings_data: dict[str, Any], reports: Any, commands: Any, pare
     threading.Thread(target=watch, name="fluxserve-worker-watch", daemon=True).start()
     from fluxserve.runtime import build_worker
 
-    built.append(build_worker(settings, sink=_QueueSink(reports), commands=commands, stop_requested=stop_requested))
+    built.append(build_worker(settings, sink=_QueueSink(reports), commands=commands, stop_requested=stop_requested,
+                              gpu=gpu))
     built[0].run()
     # stopped: the interpreter's teardown would garbage-collect every object torch and the
     # pipelines made (seconds on a busy CPU) for nothing; the report queue is still flushed
@@ -205,8 +232,8 @@ class ProcessWorkerHost:
 
     mode = "process"
 
-    def __init__(self, settings: Settings, link: WorkerLink, jobs: JobStore):
-        self.settings, self.link, self.jobs = settings, link, jobs
+    def __init__(self, settings: Settings, link: WorkerLink, jobs: JobStore, gpu: str | None = None):
+        self.settings, self.link, self.jobs, self.gpu = settings, link, jobs, gpu
         self._context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         self._process: SpawnProcess | None = None
         self._reports: ProcessQueue[Report] | None = None  # these three are set (with the process) by _spawn
@@ -234,13 +261,14 @@ class ProcessWorkerHost:
             self._commands = self._context.Queue()
             self._stop_event = self._context.Event()
             self._process = self._context.Process(
-                target=_child_main, name="fluxserve-worker",
+                target=_child_main, name="fluxserve-worker" if self.gpu is None else f"fluxserve-worker-gpu{self.gpu}",
                 args=(self.settings.model_dump(mode="json"), self._reports, self._commands, os.getpid(),
-                      self._stop_event),
+                      self._stop_event, self.gpu),
                 daemon=True,
             )
             self._process.start()
-            log.info("worker process started (pid %s)", self._process.pid)
+            log.info("worker process started (pid %s%s)", self._process.pid,
+                     "" if self.gpu is None else f", CUDA_VISIBLE_DEVICES={self.gpu}")
 
     def begin_stop(self) -> None:
         """Tell the worker process to stop claiming now (it gets the grace period for the job in
@@ -323,7 +351,8 @@ class ProcessWorkerHost:
     def describe(self) -> dict[str, Any]:
         process = self._process
         return {"mode": self.mode, "alive": bool(process and process.is_alive()),
-                "pid": process.pid if process else None, "restarts": self.restarts}
+                "pid": process.pid if process else None, "restarts": self.restarts, "gpu": self.gpu,
+                "busy": bool(self.link.running)}
 
     # -- monitoring -----------------------------------------------------------------------------
     def _watch(self) -> None:
@@ -384,3 +413,78 @@ class ProcessWorkerHost:
         self.restarts += 1
         self.link.metrics.worker_restarts.inc()
         self._spawn()
+
+
+Host = ThreadWorkerHost | ProcessWorkerHost
+
+
+class WorkerPool:
+    """Every worker this server hosts: one per GPU (``fluxserve.gpus``), each a host of its own
+    (thread or child process, restarted alone when it dies) with its own ``WorkerLink``, so the
+    jobs of a dead or stopped worker, and only those, go back to the queue. It answers what the
+    API and the lifecycle ask of a host, for all of them."""
+
+    def __init__(self, hosts: list[Host]):
+        if not hosts:
+            raise ValueError("a worker pool needs at least one worker")
+        self.hosts = hosts
+        self.mode = hosts[0].mode
+
+    def start(self) -> None:
+        for host in self.hosts:
+            host.start()
+
+    def begin_stop(self) -> None:
+        for host in self.hosts:  # all stop claiming now; their grace periods run together
+            host.begin_stop()
+
+    def stop(self) -> None:
+        self.begin_stop()
+        stoppers = [threading.Thread(target=host.stop, name=f"fluxserve-stop-{index}", daemon=True)
+                    for index, host in enumerate(self.hosts)]
+        for thread in stoppers:
+            thread.start()
+        for thread in stoppers:
+            thread.join()
+
+    def force_stop(self) -> None:
+        for host in self.hosts:
+            host.force_stop()
+
+    def wake(self) -> None:
+        for host in self.hosts:
+            host.wake()
+
+    def command(self, command: Command) -> None:
+        for host in self.hosts:
+            host.command(command)
+
+    def restart(self, settings: Settings | None = None) -> None:
+        for host in self.hosts:
+            host.restart(settings)
+
+    @property
+    def busy(self) -> int:
+        """How many of the workers have a job in hand."""
+        return sum(1 for host in self.hosts if host.link.running)
+
+    def describe(self) -> dict[str, Any]:
+        """The first worker's fields at the top (one worker: as before), ``alive`` only if every
+        worker is, ``restarts`` summed, and each worker under ``workers``."""
+        each = [host.describe() for host in self.hosts]
+        return {**each[0], "alive": all(one["alive"] for one in each), "restarts": sum(one["restarts"] for one in each),
+                "busy": sum(1 for one in each if one["busy"]), "count": len(each), "workers": each}
+
+    @property
+    def last_status(self) -> dict[str, Any]:
+        """The workers' last status reports together: every model any of them holds, what any of
+        them finds away; the rest (device, memory, residency) is the first worker's."""
+        reports = [host.link.last_status for host in self.hosts if host.link.last_status]
+        if not reports:
+            return {}
+        models: list[str] = []
+        away: dict[str, Any] = {}
+        for report in reports:
+            models += [name for name in report.get("models_loaded") or [] if name not in models]
+            away.update(report.get("dependencies") or {})
+        return {**reports[0], "models_loaded": models, "dependencies": away}

@@ -22,8 +22,8 @@ COMPOSE_ENV_EXAMPLE = DEPLOY / "fluxserve.env.example"
 OVERLAY = "overlays/example"
 KUSTOMIZATIONS = ("base", OVERLAY)
 
-# Settings the roles being built for issue 13 read (not yet fields of fluxserve.config.Settings).
-COMING_SETTINGS = {"FLUXSERVE_WORKER_PORT", "FLUXSERVE_SHUTDOWN_GRACE_SECONDS", "FLUXSERVE_WORKER_MODELS"}
+# Settings read outside fluxserve.config.Settings (none now: the roles' settings are fields).
+COMING_SETTINGS: set[str] = set()
 # Other variables the deployments set: the Hugging Face cache and token, compose's own.
 OTHER_VARIABLES = {"HF_HOME", "HF_TOKEN", "POSTGRES_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "S3_PUBLIC_URL", "IMAGE"}
 

@@ -54,3 +54,19 @@ def test_commands_reach_every_worker_once(registry):
     assert registry.commands_after(start) == [(first, "clear_cache"), (second, "restart")]
     assert registry.commands_after(second) == []
     assert registry.last_command_id() == second
+
+
+def test_live_workers_are_counted_per_model_group(registry, open_db):
+    every = registry.register(gpu="0")
+    klein = registry.register(gpu="1")
+    flux = registry.register(gpu="2")
+    registry.beat(every, [], {"model_group": None})
+    registry.beat(klein, [], {"model_group": ["flux-klein", "realtime"]})
+    registry.beat(flux, [], {"model_group": ["flux"]})
+    dead = registry.register(gpu="3")
+    with open_db().begin() as session:
+        session.execute(update(WorkerRow).where(WorkerRow.id == dead).values(heartbeat_at=utcnow() - timedelta(seconds=60)))
+    assert registry.count_alive(15) == 3
+    assert registry.count_alive(15, "flux-klein") == 2  # the group's worker and the one claiming every model
+    assert registry.count_alive(15, "flux") == 2
+    assert registry.count_alive(15, "flux-fill") == 1

@@ -130,3 +130,67 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+class WorkerProcess:
+    """A real ``fluxserve worker`` in a subprocess: GPU workers alone, on the database and data
+    folder given (``FLUXSERVE_DATABASE_URL``, ``FLUXSERVE_DATA_DIR``), with its small
+    /health and /metrics port."""
+
+    def __init__(self, data_dir: Path, tiny_root: Path | None = None, **env: str):
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if tiny_root is not None and not (data_dir / "tiny-models").exists():
+            (data_dir / "tiny-models").symlink_to(tiny_root, target_is_directory=True)
+        self.env = {**os.environ, "FLUXSERVE_DATA_DIR": str(data_dir), "FLUXSERVE_MODELS": "tiny",
+                    "FLUXSERVE_WORKER": "process", "FLUXSERVE_WORKER_PORT": str(self.port), "HF_HUB_OFFLINE": "1",
+                    "FLUXSERVE_FETCH_ALLOW": '["127.0.0.1/32"]', **env}
+        self.process: subprocess.Popen | None = None
+        self.log_path = data_dir / f"worker-{self.port}.log"
+
+    def start(self, timeout: float = 120.0) -> None:
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen([FLUXSERVE, "worker", "--log-level", "warning"], env=self.env,
+                                        stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited: {self.log()}")
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"worker did not become healthy: {self.log()}")
+
+    def health(self) -> httpx.Response:
+        return httpx.get(f"{self.base_url}/health", timeout=5)
+
+    def signal(self, signum: int = signal.SIGTERM) -> float:
+        assert self.process is not None, "not started"
+        self.process.send_signal(signum)
+        return time.monotonic()
+
+    def wait(self, timeout: float = 120.0) -> int:
+        assert self.process is not None, "not started"
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+            raise AssertionError(f"worker did not exit within {timeout:.0f}s: {self.log()}") from None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""

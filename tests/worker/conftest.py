@@ -80,8 +80,8 @@ class FakeEngine:
     def load(self, spec: ModelSpec) -> None:
         with self.lock:
             self.loads.append(spec.name)
-            if spec.name not in self._loaded:
-                self._loaded.append(spec.name)
+            if spec.pipeline_key not in self._loaded:  # named as the production engine names them
+                self._loaded.append(spec.pipeline_key)
 
     def pipeline(self, spec: ModelSpec) -> Any:
         self.load(spec)

@@ -17,6 +17,7 @@ from sqlalchemy import update
 
 from fluxserve.dependencies import Dependency
 from fluxserve.jobs.tables import Job, utcnow
+from fluxserve.models import Registry
 from fluxserve.params import JobParams
 from fluxserve.worker import WorkerConfig
 from fluxserve.worker.finish import OOM_MESSAGE
@@ -38,6 +39,7 @@ from tests.worker.conftest import (
 )
 
 HOOK = "https://client.example/hook"
+KLEIN_PIPELINE = Registry.build().get("flux-klein").pipeline_key  # how Engine.loaded() names its pipeline
 CONTRACT_FIELDS = {"status", "id", "output", "proxy_links", "generationTime", "nsfw_content_detected", "meta",
                    "track_id"}
 
@@ -208,7 +210,7 @@ def test_clear_cache_clears_the_engine_and_reports_status(make_worker, make_job,
     worker = make_worker()
     with running(worker):
         wait_finished(store, job.id)
-        wait_until(lambda: sink.statuses() and sink.statuses()[-1].models_loaded == ["flux-klein"], 5, "status")
+        wait_until(lambda: sink.statuses() and sink.statuses()[-1].models_loaded == [KLEIN_PIPELINE], 5, "status")
         before = len(sink.statuses())
         worker.commands.put(clear)
         wait_until(lambda: engine.cleared == 1, 5, "the engine to be cleared")
@@ -251,7 +253,7 @@ def test_a_job_that_loads_a_model_is_followed_by_a_status_report_even_while_busy
     try:
         with running(worker):
             wait_until(lambda: len(engine.calls) == 2, 5, "the second job to be generating")
-            wait_until(lambda: sink.statuses()[-1].models_loaded == ["flux-klein"], 2, "a status naming the model")
+            wait_until(lambda: sink.statuses()[-1].models_loaded == [KLEIN_PIPELINE], 2, "a status naming the model")
             assert not gate.is_set()  # reported while the worker was busy with the next job
             gate.set()
     finally:
@@ -263,7 +265,7 @@ def test_status_is_reported_once_idle_after_jobs_that_changed_nothing(make_worke
     worker = make_worker()
     with running(worker):
         wait_finished(store, make_job("first").id)
-        wait_until(lambda: sink.statuses()[-1].models_loaded == ["flux-klein"], 5, "the report after loading")
+        wait_until(lambda: sink.statuses()[-1].models_loaded == [KLEIN_PIPELINE], 5, "the report after loading")
         time.sleep(0.1)
         before = len(sink.statuses())
         wait_finished(store, make_job("second").id)  # same model: nothing changed

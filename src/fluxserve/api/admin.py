@@ -32,10 +32,34 @@ def _check_server(server: str) -> None:
         raise ApiError(404, "Not found")
 
 
-def _host(services):
+def _local_worker(services) -> dict:
+    """This server's own workers (``serve``), or that it hosts none (``serve --no-worker``)."""
     if services.host is None:
-        raise ApiError(503, "Service temporarily unavailable")
-    return services.host
+        return {"mode": "none", "alive": False, "count": 0,
+                "detail": "this server hosts no worker (--no-worker): `fluxserve worker` processes generate"}
+    return services.host.describe()
+
+
+def _cluster_workers(services) -> list[dict]:
+    """Every live worker of the cluster, from the registry in the shared database."""
+    if services.workers is None:
+        return []
+    settings = services.generation.settings
+    return [{"id": row.id, "host": row.host, "pid": row.pid, "gpu": row.gpu, "models_loaded": row.models,
+             "pipelines": (row.status or {}).get("pipelines") or [],
+             "state": (row.status or {}).get("state"), "model_group": (row.status or {}).get("model_group"),
+             "device": (row.status or {}).get("device"), "jobs_done": (row.status or {}).get("jobs_done"),
+             "running": (row.status or {}).get("running", []), "gpu_memory": (row.status or {}).get("gpu_memory"),
+             "dependencies": (row.status or {}).get("dependencies") or {},
+             "cuda_visible_devices": (row.status or {}).get("cuda_visible_devices"),
+             "started_at": row.started_at.isoformat(), "last_beat": row.heartbeat_at.isoformat()}
+            for row in services.workers.alive(settings.lease_seconds)]
+
+
+def _broadcast(services, command: str) -> None:
+    """To every worker of the cluster: each picks it up on its next heartbeat."""
+    if services.workers is not None:
+        services.workers.broadcast(command)
 
 
 @admin.post("/{server}/system_details")
@@ -43,11 +67,13 @@ async def system_details(server: str, _key: AdminKey, services: ServicesDep) -> 
     _check_server(server)
     jobs = services.generation.jobs
     status = services.worker_status()
-    queue_depth, running, queue_time = await asyncio.gather(
+    queue_depth, running, queue_time, workers = await asyncio.gather(
         run_in_threadpool(jobs.queue_depth), run_in_threadpool(jobs.running_count),
-        run_in_threadpool(jobs.oldest_queued_age),
+        run_in_threadpool(jobs.oldest_queued_age), run_in_threadpool(_cluster_workers, services),
     )
-    models = status.get("models_loaded", [])
+    models = list(status.get("models_loaded", []))
+    for worker in workers:  # the pipelines every worker of the cluster holds, not only this server's
+        models += [name for name in worker["pipelines"] if name not in models]
     away = _away(services)
     return {
         "status": "degraded" if away else "ok",
@@ -62,14 +88,18 @@ async def system_details(server: str, _key: AdminKey, services: ServicesDep) -> 
         "gpu_memory": status.get("gpu_memory"),
         "residency": status.get("residency"),
         "optimizations": status.get("optimizations"),
-        "worker": _host(services).describe(),
+        "worker": _local_worker(services),
+        "worker_count": len(workers),
+        "workers": workers,
     }
 
 
 @admin.post("/{server}/clear_cache")
 async def clear_cache(server: str, _key: AdminKey, services: ServicesDep) -> dict:
     _check_server(server)
-    _host(services).command(Command.CLEAR_CACHE)  # runs between jobs, never under a running one
+    if services.host is not None:
+        services.host.command(Command.CLEAR_CACHE)  # this server's workers at once, between jobs
+    await run_in_threadpool(_broadcast, services, "clear_cache")  # every worker, on its next heartbeat
     return {"status": "success", "message": "Cache cleared successfully"}
 
 
@@ -87,9 +117,12 @@ async def clear_queue(server: str, _key: AdminKey, services: ServicesDep) -> dic
 @admin.post("/{server}/restart_server")
 async def restart_server(server: str, _key: AdminKey, services: ServicesDep) -> dict:
     _check_server(server)
-    _host(services).restart()
+    if services.host is not None:
+        services.host.restart()  # this server's workers: fresh processes
+    await run_in_threadpool(_broadcast, services, "restart")  # the others drop their models
     return {"status": "success", "message": "server restarting",
-            "detail": "the worker restarts: models reload on next use; queued requests are kept"}
+            "detail": "this server's workers restart; every other worker drops its models; models reload on next "
+                      "use; queued requests are kept"}
 
 
 @admin.post("/{server}/update_server")
@@ -116,7 +149,8 @@ async def update_server(server: str, _key: AdminKey, services: ServicesDep) -> d
     if applied:
         live = old.model_copy(update={name: getattr(new, name) for name in applied})
         generation.settings, generation.registry = live, registry
-        _host(services).restart(live)
+        if services.host is not None:
+            services.host.restart(live)
     return {"status": "success", "message": "Server updated successfully", "applied": applied,
             "needs_process_restart": needs_restart}
 
@@ -125,7 +159,7 @@ async def update_server(server: str, _key: AdminKey, services: ServicesDep) -> d
 async def health(services: ServicesDep) -> JSONResponse:
     """ok, or degraded (503) with why: the worker is down, or a dependency (database, disk, object
     store) is away for the worker or for this process."""
-    worker = services.host.describe() if services.host else {"alive": False}
+    worker = _local_worker(services)
     generation = services.generation
     try:
         depth: int | None = await run_in_threadpool(generation.jobs.queue_depth)
@@ -134,7 +168,8 @@ async def health(services: ServicesDep) -> JSONResponse:
         depth = None
         generation.health.down(Dependency.DATABASE, f"{type(exc).__name__}: {exc}"[:300])
     away = _away(services)
-    healthy = bool(worker.get("alive")) and not away
+    # without local workers (--no-worker) the API is healthy on its own: it queues, workers elsewhere generate
+    healthy = (services.host is None or bool(worker.get("alive"))) and not away
     body = {"status": "ok" if healthy else "degraded", "worker": worker, "queue_depth": depth}
     if away:
         body["dependencies"] = away

@@ -3,6 +3,7 @@ which talks to the API only through the job store (and in-process events)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -35,12 +36,15 @@ from fluxserve.events import JobEvents
 from fluxserve.jobs.database import open_database
 from fluxserve.jobs.deliveries import WebhookDeliveries
 from fluxserve.jobs.store import JobStore
+from fluxserve.jobs.workers import WorkerRegistry
 from fluxserve.keys import KeyStore
 from fluxserve.metrics import Metrics
 from fluxserve.models import Registry
 from fluxserve.storage.configs import StorageConfigs
 from fluxserve.storage.local import LocalStorage
 from fluxserve.storage.shared import OutputsOnDisk
+
+LIVE_WORKERS_TTL_SECONDS = 1.0
 
 
 def create_app(
@@ -63,8 +67,22 @@ def create_app(
     deliveries = WebhookDeliveries(sessions, retry_seconds=settings.webhook_retry_seconds)
     metrics.bind(queue_depth=jobs.queue_depth, running=jobs.running_count, dead_letters=deliveries.dead_count)
 
+    workers = WorkerRegistry(sessions)
+
     def worker_status() -> dict:
-        return getattr(getattr(host, "link", None), "last_status", {}) or {}
+        """The local workers' last status (``supervisor.WorkerPool``); nothing without them."""
+        return getattr(host, "last_status", None) or getattr(getattr(host, "link", None), "last_status", {}) or {}
+
+    counted: dict[str | None, tuple[float, int]] = {}
+
+    def live_workers(model: str | None = None) -> int:
+        """Workers of the cluster that beat within the lease and claim ``model``'s jobs (read at
+        most once a second per model: every processing answer's eta asks)."""
+        now = time.monotonic()
+        cached = counted.get(model)
+        if cached is None or now - cached[0] >= LIVE_WORKERS_TTL_SECONDS:
+            cached = counted[model] = (now, workers.count_alive(settings.lease_seconds, model))
+        return cached[1]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -83,10 +101,12 @@ def create_app(
                     inputs=LocalStorage(settings.inputs_dir, settings.base_url),
                     events=events, http=http, health=app.state.health,
                     dependency_status=lambda: dict(worker_status().get("dependencies") or {}),
+                    live_workers=live_workers,
                 ),
                 keys=KeyStore(sessions),
                 host=host,
                 worker_status=worker_status,
+                workers=workers,
                 reload_settings=reload_settings,
                 storage_configs=storage_configs,
                 deliveries=deliveries,

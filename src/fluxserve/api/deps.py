@@ -13,6 +13,7 @@ from fluxserve.api.errors import ApiError
 from fluxserve.api.generation import GenerationService
 from fluxserve.jobs.deliveries import WebhookDeliveries
 from fluxserve.jobs.tables import ApiKey
+from fluxserve.jobs.workers import WorkerRegistry
 from fluxserve.keys import KeyStore
 
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -32,6 +33,7 @@ class Services:
     keys: KeyStore
     host: WorkerControl | None = None
     worker_status: Callable[[], dict[str, Any]] = field(default=lambda: {})
+    workers: WorkerRegistry | None = None  # every worker of the cluster (local or not), from the database
     reload_settings: Callable[[], Any] | None = None
     storage_configs: Any = None  # fluxserve.storage.configs.StorageConfigs
     deliveries: WebhookDeliveries | None = None  # webhook dead letters (api.webhook_admin)

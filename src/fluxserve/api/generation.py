@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import time
@@ -65,6 +66,7 @@ class GenerationService:
     storage_configs: StorageConfigs | None = None
     health: Health = field(default_factory=Health)  # what this process found away
     dependency_status: Callable[[], dict[str, Any]] = lambda: {}  # what the worker found away
+    live_workers: Callable[[str], int] = lambda model: 1  # workers of the cluster claiming this model's jobs
 
     # -- submission ---------------------------------------------------------------------------
     def choose_model(self, action: Action, model_id: str | None) -> ModelSpec:
@@ -400,7 +402,10 @@ class GenerationService:
         per_job = self.jobs.recent_generation_time(job.model)
         if per_job is None:  # nothing measured yet: a rough guess from the step count
             per_job = 0.5 * job.params["steps"] * len(job.params["seeds"])
-        return round((self.jobs.jobs_ahead(job.id) + 1) * per_job, 2)
+        # the jobs ahead spread over the live workers that claim this model (at least one: a
+        # worker that is starting, or none yet, still means the job waits its turn)
+        workers = max(1, self.live_workers(job.model))
+        return round(math.ceil((self.jobs.jobs_ahead(job.id) + 1) / workers) * per_job, 2)
 
 
 def _as_mask(image, convention: str):

@@ -169,4 +169,5 @@ class PipelineCache:
 
 
 def _key(cache_key: tuple[str, str]) -> str:
+    """``ModelSpec.pipeline_key`` of the models loaded as ``cache_key`` (the worker maps it back)."""
     return f"{cache_key[0]}:{cache_key[1]}"

@@ -54,6 +54,12 @@ class WorkerRegistry:
             return list(session.scalars(select(WorkerRow).where(WorkerRow.heartbeat_at >= cutoff)
                                         .order_by(WorkerRow.started_at)))
 
+    def count_alive(self, lease_seconds: float, model: str | None = None) -> int:
+        """Live workers, or those of them that claim ``model``'s jobs (a worker whose status names
+        no ``model_group`` claims every model)."""
+        return sum(1 for row in self.alive(lease_seconds)
+                   if model is None or not (row.status or {}).get("model_group") or model in row.status["model_group"])
+
     def forget_dead(self, lease_seconds: float) -> int:
         """Delete workers silent for ``lease_seconds`` (and commands older than an hour)."""
         now = utcnow()

@@ -16,6 +16,8 @@ class WorkerConfig:
     batch_wait_seconds: float = 0.0  # how long a batch waits for companions
     idle_poll_seconds: float = 0.2  # how often an idle worker looks at the queue
     shutdown_grace_seconds: float = 30.0  # a stopping worker's time to finish the job in hand
+    affinity_seconds: float = 30.0  # jobs for loaded models first, unless another waited this long
+    models: tuple[str, ...] | None = None  # the model group claimed (registry names); None: every model
 
     @classmethod
     def from_settings(cls, settings: Any) -> WorkerConfig:
@@ -23,5 +25,6 @@ class WorkerConfig:
             max_attempts=settings.max_job_attempts, lease_seconds=settings.lease_seconds,
             heartbeat_seconds=settings.heartbeat_seconds, retention_seconds=settings.retention_seconds,
             max_batch_size=settings.max_batch_size, batch_wait_seconds=settings.batch_wait_seconds,
-            shutdown_grace_seconds=settings.shutdown_grace_seconds,
+            shutdown_grace_seconds=settings.shutdown_grace_seconds, affinity_seconds=settings.affinity_seconds,
+            models=tuple(settings.worker_models) if settings.worker_models else None,
         )

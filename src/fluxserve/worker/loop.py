@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import gc
 import logging
+import os
 import queue
 import threading
 import time
@@ -34,6 +35,7 @@ from fluxserve.storage.local import LocalStorage
 from fluxserve.worker.claim import Claim, claimed_token
 from fluxserve.worker.config import WorkerConfig
 from fluxserve.worker.finish import FinisherThread, ResultWriter, Safety
+from fluxserve.worker.membership import Membership
 from fluxserve.worker.messages import (
     Command,
     JobFinished,
@@ -82,6 +84,7 @@ class Worker:
         inputs: LocalStorage, config: WorkerConfig | None = None, sink: Sink | None = None,
         commands: queue.Queue[Command] | Any = None, storage_configs: StorageConfigs | None = None,
         enhancer: Any = None, stop_requested: Callable[[], bool] | None = None,
+        membership: Membership | None = None,
     ):
         self.config = config or WorkerConfig()
         self.registry = registry
@@ -111,6 +114,9 @@ class Worker:
         self._status_due = False  # a job ran since the last status report
         self._last_status = 0.0
         self._reported_models: list[str] = []
+        self._last_report: StatusReport | None = None
+        self.membership = membership  # the cluster's registry: heartbeats and broadcast commands
+        self.jobs_done = 0  # jobs concluded (any outcome) since this worker started
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -181,6 +187,15 @@ class Worker:
         """Claim and run jobs until told to stop; while a dependency is away, claim nothing (the
         queue waits instead of draining into failures) and probe it with a backoff."""
         self.report_status()
+        if self.membership is not None:
+            self.membership.start(self.cluster_status, self.cluster_command)
+        try:
+            self._loop()
+        finally:
+            if self.membership is not None:
+                self.membership.stop()
+
+    def _loop(self) -> None:
         while not self._should_stop():
             if self._health_changed():
                 self.report_status()
@@ -191,7 +206,8 @@ class Worker:
             if self._should_stop():  # looked at right before each claim
                 break
             try:
-                job = self.jobs.claim_next()
+                job = self.jobs.claim_next(loaded=self.loaded_models(), affinity_seconds=self.config.affinity_seconds,
+                                           models=self.config.models)
             except Exception as exc:  # noqa: BLE001 - a store hiccup must not kill the worker
                 self._store_trouble(exc, "claiming a job failed")
                 job = None
@@ -310,6 +326,44 @@ class Worker:
             self.report_status()
         # WAKE needs no action: returning from the wait is the point
 
+    def loaded_models(self, pipelines: list[str] | None = None) -> list[str]:
+        """The registry names of the models whose pipeline the engine holds (``Engine.loaded()``
+        names pipelines, ``ModelSpec.pipeline_key``; models sharing weights share one)."""
+        held = set(self.engine.loaded() if pipelines is None else pipelines)
+        return [spec.name for spec in self.registry.specs() if spec.pipeline_key in held]
+
+    @property
+    def busy(self) -> bool:
+        """Whether a job is in hand (generating, or being finished)."""
+        with self._held_lock:
+            return bool(self._held)
+
+    def cluster_status(self) -> tuple[list[str], dict[str, Any]]:
+        """What this worker beats with in the cluster's registry (read from another thread: only
+        what is already at hand, nothing that walks the engine's tensors)."""
+        with self._held_lock:
+            running = sorted(self._held)
+        last = self._last_report
+        pipelines = list(self._reported_models)
+        return self.loaded_models(pipelines), {
+            "pipelines": pipelines,
+            "state": "stopping" if self._stopping.is_set() else "busy" if running else "idle",
+            "running": running, "jobs_done": self.jobs_done, "device": self.engine.device,
+            "model_group": list(self.config.models) if self.config.models else None,
+            "gpu_memory": last.gpu_memory if last else None, "dependencies": self.health.snapshot(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid(),
+        }
+
+    def cluster_command(self, command: str) -> None:
+        """A command broadcast to every worker (``WorkerRegistry.broadcast``): run between jobs
+        like the local ones. ``restart`` drops the models here (they load again on next use)."""
+        known = {"clear_cache": Command.CLEAR_CACHE, "restart": Command.CLEAR_CACHE}
+        if command not in known:
+            log.warning("ignoring unknown broadcast command %r", command)
+            return
+        log.info("broadcast command: %s", command)
+        self.commands.put(known[command])
+
     def _status_after_job(self) -> None:
         """Status (loaded models, memory, residency) is for system_details, not for the waiting
         requests: walking every tensor of the resident pipelines holds the GIL for milliseconds
@@ -336,7 +390,8 @@ class Worker:
         try:
             status = self.engine.status()
             self._reported_models = list(status.get("models_loaded", []))
-            self.sink.report(StatusReport(**status, dependencies=self.health.snapshot()))
+            self._last_report = StatusReport(**status, dependencies=self.health.snapshot())
+            self.sink.report(self._last_report)
         except Exception:  # noqa: BLE001 - status is best-effort
             log.debug("status report failed", exc_info=True)
 
@@ -444,6 +499,7 @@ class Worker:
                 claim.stop()
                 with self._held_lock:
                     self._held.pop(job.id, None)
+        self.jobs_done += len(jobs)
         for (job, _), (outcome, generation_time) in zip(jobs, results):
             self.sink.report(JobFinished(job.id, outcome, generation_time, _queue_time(job)))
         self._status_after_job()
