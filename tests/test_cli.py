@@ -104,6 +104,29 @@ def test_keys_revoke_by_id_and_by_prefix(cli):
     assert states["third"] == "active"
 
 
+@pytest.mark.parametrize("shown", ["as listed", "with three dots", "the whole key"])
+def test_keys_revoke_takes_what_keys_list_prints_or_the_whole_key(cli, shown):
+    """``keys list`` prints ``fs_ab12cd3…``: pasting that (or with ``...``, or the key itself) revokes it."""
+    key = cli("keys", "create", "pasted").stdout.strip()
+    cli("keys", "create", "bystander")
+    listed_prefix = listed_rows(cli)[0][1]
+    assert listed_prefix.endswith("…")
+    ident = {"as listed": listed_prefix, "with three dots": listed_prefix.removesuffix("…") + "...",
+             "the whole key": key}[shown]
+    result = cli("keys", "revoke", ident)
+    assert result.exit_code == 0, result.output
+    assert "pasted" in result.stdout
+    states = {row[2]: row[4] for row in listed_rows(cli)}
+    assert states["pasted"].startswith("revoked") and states["bystander"] == "active"
+
+
+def test_keys_revoke_with_a_wrong_whole_key_revokes_nothing(cli):
+    key = cli("keys", "create", "kept").stdout.strip()
+    result = cli("keys", "revoke", key[:-1] + ("A" if key[-1] != "A" else "B"))
+    assert result.exit_code == 1
+    assert listed_rows(cli)[0][4] == "active"
+
+
 def test_keys_revoke_revoked_key_really_stops_working(cli, tmp_path):
     from fluxserve.config import Settings
     from fluxserve.jobs.database import open_database

@@ -125,7 +125,7 @@ def keys_webhook_secret(
 
 @keys_app.command("revoke")
 def keys_revoke(
-    key: Annotated[str, typer.Argument(help="The key's id or listed prefix.")],
+    key: Annotated[str, typer.Argument(help="The key's id, its prefix as listed (fs_ab12cd3…) or the whole key.")],
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
 ) -> None:
