@@ -4,6 +4,7 @@ of the real installed console script serving requests and shutting down cleanly.
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -203,6 +204,42 @@ def test_fluxserve_serve_refuses_a_typo_before_starting_anything(tmp_path):
         "bf16_everywhere, bf16_force, cache, channels_last, channels_last_vae, compile, compile_dynamic, default, "
         "force_bf16, fp8, none, prompt_cache, prompt_cache_size, truncate, truncate_text_encoder"]
     assert list(data_dir.iterdir()) == []  # no database, no secret key, no tiny models
+
+
+# -- serve --help ----------------------------------------------------------------------------------
+def serve_help() -> str:
+    result = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "100", "TERMINAL_WIDTH": "100"})
+    assert result.exit_code == 0, result.output
+    return " ".join(result.stdout.split())  # wrapped lines joined again
+
+
+def test_serve_help_lists_every_setting_with_its_default():
+    from fluxserve.config import DERIVED_DEFAULTS, Settings, env_name
+
+    shown = serve_help()
+    defaults = Settings()  # no FLUXSERVE_* variables here (autouse fixture)
+    for field in Settings.model_fields:
+        value = getattr(defaults, field)
+        if field in DERIVED_DEFAULTS:
+            expected = DERIVED_DEFAULTS[field]
+        elif isinstance(value, bool):
+            expected = str(value).lower()
+        elif isinstance(value, (list, dict)):
+            expected = json.dumps(value)
+        else:
+            expected = '""' if value == "" else "unset" if value is None else str(value)
+        assert f"{env_name(field)} (default {expected})" in shown, field
+    for literal in ("FLUXSERVE_PORT (default 8000): Port", "FLUXSERVE_FETCH_ALLOW (default []): Hosts or CIDRs",
+                    "FLUXSERVE_LORA_DIR (default <data_dir>/loras): LoRA adapters requests may name (lora_model): "
+                    "<name>.safetensors", "FLUXSERVE_ENHANCE_OPENAI_API_KEY (default unset)"):
+        assert literal in shown, literal
+
+
+def test_serve_help_shows_which_variable_each_flag_sets():
+    """Rich markup took "[env FLUXSERVE_HOST]" for a style tag and printed "Bind address ."."""
+    shown = serve_help()
+    for flag_help in ("Bind address [env FLUXSERVE_HOST]", "Port [env FLUXSERVE_PORT]", "[env FLUXSERVE_DATA_DIR]"):
+        assert flag_help in shown, flag_help
 
 
 # -- the real command --------------------------------------------------------------------------------

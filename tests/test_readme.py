@@ -197,3 +197,21 @@ def test_readme_modelslab_cli_block_works(readme_server, tmp_path):
                           cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert len(list((tmp_path / "generated").glob("*.png"))) == 2  # one image per command, downloaded
+
+
+def test_the_configuration_table_has_a_row_for_every_setting():
+    """A row names a variable in full, or as `_SUFFIX` after a sibling (`FLUXSERVE_WEBHOOK_RETRY_SECONDS` /
+    `_TIMEOUT_SECONDS`)."""
+    from fluxserve.config import Settings, env_name
+
+    section = README.read_text().split("## Configuration", 1)[1].split("\n### ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `FLUXSERVE_")]
+    def named(name: str, row: str) -> bool:
+        if f"`{name}`" in row:
+            return True
+        full_names = re.findall(r"`(FLUXSERVE_[A-Z0-9_]+)`", row)
+        stems = {full[:i + 1] for full in full_names for i, char in enumerate(full) if char == "_"}
+        return any(name.startswith(stem) and f"`_{name[len(stem):]}`" in row for stem in stems)
+
+    for field in Settings.model_fields:
+        assert any(named(env_name(field), row) for row in rows), env_name(field)
