@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -301,9 +302,19 @@ def test_fluxserve_serve_subprocess_end_to_end(tmp_path, tiny_root):
             proc.kill()
             proc.wait()
             pytest.fail(f"server did not stop within 30 s of SIGTERM:\n{log_path.read_text()}")
+    time.sleep(1.0)  # the resource tracker outlives the server a moment: it would warn then
     log_text = log_path.read_text()
     # A graceful stop: the lifespan shutdown (which stops the GPU worker) ran to completion, and
     # the exit status says so (uvicorn alone would raise the SIGTERM again: fluxserve.serving).
     assert returncode == 0, log_text
     assert "Application shutdown complete" in log_text and "Finished server process" in log_text, log_text
     assert "Traceback" not in log_text and " ERROR " not in log_text, log_text
+    # Every line once: not uvicorn's handler and ours both, not a worker that configures logging
+    # again; uvicorn's lines in our format (so FLUXSERVE_LOG_FORMAT=json covers them too).
+    stamped = [line.split(" ", 2)[2] for line in log_text.splitlines() if re.match(r"\d{4}-\d\d-\d\d \d\d:", line)]
+    repeated = {line for line in stamped if stamped.count(line) > 1 and '"GET /health ' not in line}
+    assert not repeated, log_text
+    assert len([line for line in stamped if "optimizations for" in line]) == 1, log_text  # one model loaded, once
+    assert re.search(r"INFO MainProcess\[\d+\] uvicorn\.error: Application shutdown complete", log_text), log_text
+    assert re.search(r'uvicorn\.access: 127\.0\.0\.1:\d+ - "POST /api/v1/enterprise/flux_klein/text2img', log_text), log_text
+    assert "leaked semaphore" not in log_text and "resource_tracker" not in log_text, log_text
