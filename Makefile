@@ -3,8 +3,10 @@
 VENV   ?= .venv
 PYTHON ?= python3
 TORCH  ?= torch==2.13.0
-MODELS ?= real
-PORT   ?= 8000
+# MODELS and PORT are flags only when given (make serve MODELS=tiny PORT=8001); unset, the
+# FLUXSERVE_* environment variables (or their defaults: real models, port 8000) apply.
+MODELS ?=
+PORT   ?=
 BIN     = $(VENV)/bin
 
 .PHONY: serve test lint setup setup-test clean
@@ -27,7 +29,7 @@ setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
 
 serve: setup
-	$(BIN)/fluxserve serve --models $(MODELS) --port $(PORT)
+	$(BIN)/fluxserve serve $(if $(MODELS),--models $(MODELS)) $(if $(PORT),--port $(PORT))
 
 test: setup-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

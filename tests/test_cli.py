@@ -4,7 +4,9 @@ of the real installed console script serving requests and shutting down cleanly.
 from __future__ import annotations
 
 import io
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -93,6 +95,29 @@ def test_keys_revoke_by_id_and_by_prefix(cli):
     assert states["third"] == "active"
 
 
+@pytest.mark.parametrize("shown", ["as listed", "with three dots", "the whole key"])
+def test_keys_revoke_takes_what_keys_list_prints_or_the_whole_key(cli, shown):
+    """``keys list`` prints ``fs_ab12cd3…``: pasting that (or with ``...``, or the key itself) revokes it."""
+    key = cli("keys", "create", "pasted").stdout.strip()
+    cli("keys", "create", "bystander")
+    listed_prefix = listed_rows(cli)[0][1]
+    assert listed_prefix.endswith("…")
+    ident = {"as listed": listed_prefix, "with three dots": listed_prefix.removesuffix("…") + "...",
+             "the whole key": key}[shown]
+    result = cli("keys", "revoke", ident)
+    assert result.exit_code == 0, result.output
+    assert "pasted" in result.stdout
+    states = {row[2]: row[4] for row in listed_rows(cli)}
+    assert states["pasted"].startswith("revoked") and states["bystander"] == "active"
+
+
+def test_keys_revoke_with_a_wrong_whole_key_revokes_nothing(cli):
+    key = cli("keys", "create", "kept").stdout.strip()
+    result = cli("keys", "revoke", key[:-1] + ("A" if key[-1] != "A" else "B"))
+    assert result.exit_code == 1
+    assert listed_rows(cli)[0][4] == "active"
+
+
 def test_keys_revoke_revoked_key_really_stops_working(cli, tmp_path):
     from fluxserve.config import Settings
     from fluxserve.jobs.database import open_database
@@ -147,6 +172,42 @@ def test_fluxserve_serve_refuses_a_typo_before_starting_anything(tmp_path):
         "bf16_everywhere, bf16_force, cache, channels_last, channels_last_vae, compile, compile_dynamic, default, "
         "force_bf16, fp8, none, prompt_cache, prompt_cache_size, truncate, truncate_text_encoder"]
     assert list(data_dir.iterdir()) == []  # no database, no secret key, no tiny models
+
+
+# -- serve --help ----------------------------------------------------------------------------------
+def serve_help() -> str:
+    result = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "100", "TERMINAL_WIDTH": "100"})
+    assert result.exit_code == 0, result.output
+    return " ".join(result.stdout.split())  # wrapped lines joined again
+
+
+def test_serve_help_lists_every_setting_with_its_default():
+    from fluxserve.config import DERIVED_DEFAULTS, Settings, env_name
+
+    shown = serve_help()
+    defaults = Settings()  # no FLUXSERVE_* variables here (autouse fixture)
+    for field in Settings.model_fields:
+        value = getattr(defaults, field)
+        if field in DERIVED_DEFAULTS:
+            expected = DERIVED_DEFAULTS[field]
+        elif isinstance(value, bool):
+            expected = str(value).lower()
+        elif isinstance(value, (list, dict)):
+            expected = json.dumps(value)
+        else:
+            expected = '""' if value == "" else "unset" if value is None else str(value)
+        assert f"{env_name(field)} (default {expected})" in shown, field
+    for literal in ("FLUXSERVE_PORT (default 8000): Port", "FLUXSERVE_FETCH_ALLOW (default []): Hosts or CIDRs",
+                    "FLUXSERVE_LORA_DIR (default <data_dir>/loras): LoRA adapters requests may name (lora_model): "
+                    "<name>.safetensors", "FLUXSERVE_ENHANCE_OPENAI_API_KEY (default unset)"):
+        assert literal in shown, literal
+
+
+def test_serve_help_shows_which_variable_each_flag_sets():
+    """Rich markup took "[env FLUXSERVE_HOST]" for a style tag and printed "Bind address ."."""
+    shown = serve_help()
+    for flag_help in ("Bind address [env FLUXSERVE_HOST]", "Port [env FLUXSERVE_PORT]", "[env FLUXSERVE_DATA_DIR]"):
+        assert flag_help in shown, flag_help
 
 
 # -- the real command --------------------------------------------------------------------------------
@@ -208,9 +269,19 @@ def test_fluxserve_serve_subprocess_end_to_end(tmp_path, tiny_root):
             proc.kill()
             proc.wait()
             pytest.fail(f"server did not stop within 30 s of SIGTERM:\n{log_path.read_text()}")
+    time.sleep(1.0)  # the resource tracker outlives the server a moment: it would warn then
     log_text = log_path.read_text()
     # A graceful stop: the lifespan shutdown (which stops the GPU worker) ran to completion, and
     # the exit status says so (uvicorn alone would raise the SIGTERM again: fluxserve.serving).
     assert returncode == 0, log_text
     assert "Application shutdown complete" in log_text and "Finished server process" in log_text, log_text
     assert "Traceback" not in log_text and " ERROR " not in log_text, log_text
+    # Every line once: not uvicorn's handler and ours both, not a worker that configures logging
+    # again; uvicorn's lines in our format (so FLUXSERVE_LOG_FORMAT=json covers them too).
+    stamped = [line.split(" ", 2)[2] for line in log_text.splitlines() if re.match(r"\d{4}-\d\d-\d\d \d\d:", line)]
+    repeated = {line for line in stamped if stamped.count(line) > 1 and '"GET /health ' not in line}
+    assert not repeated, log_text
+    assert len([line for line in stamped if "optimizations for" in line]) == 1, log_text  # one model loaded, once
+    assert re.search(r"INFO MainProcess\[\d+\] uvicorn\.error: Application shutdown complete", log_text), log_text
+    assert re.search(r'uvicorn\.access: 127\.0\.0\.1:\d+ - "POST /api/v1/enterprise/flux_klein/text2img', log_text), log_text
+    assert "leaked semaphore" not in log_text and "resource_tracker" not in log_text, log_text

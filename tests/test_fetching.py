@@ -837,3 +837,22 @@ def test_sniff_image_format():
 
 def test_system_resolver_numeric_loopback():
     assert system_resolver("127.0.0.1", 80) == ["127.0.0.1"]
+
+
+# -- what a refusal tells the client --------------------------------------------------------------
+@pytest.mark.parametrize(("url", "entry"), [
+    ("http://10.0.0.1/a.png", "10.0.0.1"), ("http://[::1]/a.png", "::1"), ("http://localhost/a.png", "localhost"),
+])
+def test_a_refusal_names_the_setting_and_the_entry_that_allows_it(url, entry):
+    with pytest.raises(UrlRefused) as refused:
+        check_target(url, FetchPolicy(), FakeResolver())
+    message = str(refused.value)
+    assert f"""FLUXSERVE_FETCH_ALLOW='["{entry}"]'""" in message, message
+    assert check_target(url, FetchPolicy(allow=(entry,)), FakeResolver()).host == entry  # the advice works
+
+
+def test_the_named_setting_is_the_one_settings_reads():
+    from fluxserve.config import env_name
+    from fluxserve.fetching import ALLOW_SETTING
+
+    assert ALLOW_SETTING == env_name("fetch_allow")

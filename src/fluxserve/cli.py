@@ -12,10 +12,13 @@ import typer
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from fluxserve.config import Settings, settings_problems
+from fluxserve.config import Settings, settings_help, settings_problems
 from fluxserve.logs import configure as configure_logging
 
-app = typer.Typer(help="fluxserve: self-hosted image generation that speaks the ModelsLab API.", no_args_is_help=True)
+# markdown: the settings list below has code spans, and option help like "[env FLUXSERVE_HOST]" is
+# shown as written (rich markup took it for a style tag and dropped it)
+app = typer.Typer(help="fluxserve: self-hosted image generation that speaks the ModelsLab API.", no_args_is_help=True,
+                  rich_markup_mode="markdown")
 keys_app = typer.Typer(help="Manage API keys (stored hashed).", no_args_is_help=True)
 models_app = typer.Typer(help="Inspect the model registry, download weights, build the tiny offline models.",
                          no_args_is_help=True)
@@ -56,7 +59,7 @@ def _key_store(data_dir: Path | None, database_url: str | None):
     return KeyStore(open_database(settings.resolved_database_url))
 
 
-@app.command()
+@app.command(epilog=settings_help())  # every setting with its default, from Settings
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address [env FLUXSERVE_HOST].")] = None,
     port: Annotated[int | None, typer.Option(help="Port [env FLUXSERVE_PORT].")] = None,
@@ -233,7 +236,7 @@ def keys_webhook_secret(
 
 @keys_app.command("revoke")
 def keys_revoke(
-    key: Annotated[str, typer.Argument(help="The key's id or listed prefix.")],
+    key: Annotated[str, typer.Argument(help="The key's id, its prefix as listed (fs_ab12cd3…) or the whole key.")],
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
 ) -> None:

@@ -41,12 +41,13 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path("data"), description="Holds the SQLite file, inputs, outputs, tiny models.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite file in data_dir.")
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = Field("127.0.0.1", description="Bind address (0.0.0.0: every interface).")
+    port: int = Field(8000, description="Port to listen on.")
     public_base_url: str | None = Field(
         None, description="Base of the URLs handed to clients (set it behind a proxy)."
     )
-    models: Literal["real", "tiny"] = "real"
+    models: Literal["real", "tiny"] = Field(
+        "real", description="real: the diffusers weights; tiny: offline random-weight pipelines (tests, laptops).")
     model_overrides: Annotated[dict[str, dict[str, Any]], NoDecode] = Field(
         default_factory=dict,
         description='JSON, e.g. {"flux-kontext-dev": {"source": "/models/kontext", "steps": 24}}.',
@@ -82,8 +83,8 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="text: readable lines; json: one JSON object per line (time, level, name, process, message).")
     nsfw_threshold: float = Field(0.5, ge=0, le=1, description="NSFW score at or above which an image is blanked.")
-    max_init_image_bytes: int = 20 * 1024 * 1024
-    init_image_timeout_seconds: float = 20.0
+    max_init_image_bytes: int = Field(20 * 1024 * 1024, description="Largest init image (download or upload).")
+    init_image_timeout_seconds: float = Field(20.0, description="Init image download timeout.")
     max_job_attempts: int = Field(3, ge=1, description="Tries per job before it is marked failed.")
     worker: Literal["process", "thread"] = Field(
         "process", description="process: the GPU worker runs in a child process the server restarts if it dies."
@@ -145,10 +146,10 @@ class Settings(BaseSettings):
     enhance_openai_base_url: str | None = Field(
         None, description="OpenAI-compatible endpoint for enhance_prompt (default: the klein Qwen3 encoder)."
     )
-    enhance_openai_model: str = "gpt-4o-mini"
-    enhance_openai_api_key: str | None = None
+    enhance_openai_model: str = Field("gpt-4o-mini", description="Model asked at FLUXSERVE_ENHANCE_OPENAI_BASE_URL.")
+    enhance_openai_api_key: str | None = Field(None, description="API key for FLUXSERVE_ENHANCE_OPENAI_BASE_URL.")
     enhance_timeout_seconds: float = Field(10.0, gt=0, description="Bound on one prompt enhancement.")
-    enhance_max_new_tokens: int = Field(120, ge=1, le=512)
+    enhance_max_new_tokens: int = Field(120, ge=1, le=512, description="Longest prompt rewrite, in tokens.")
     lora_dir: Path | None = Field(
         None, description="LoRA adapters requests may name (lora_model): <name>.safetensors or a folder <name>/ holding one; "
         "default data_dir/loras.")
@@ -389,6 +390,40 @@ def _s3_details(fields: dict[str, Any]):
     if not_text:
         raise ValueError(f"fields {not_text} must be strings")
     return S3Details.from_modelslab(**{"image_directory": "", **fields})
+
+
+#: what a setting left unset means, where that is not one fixed value
+DERIVED_DEFAULTS = {
+    "database_url": "sqlite:///<data_dir>/fluxserve.db",
+    "public_base_url": "http://<host>:<port>",
+    "secret_key": "generated once into <data_dir>/secret.key",
+    "lora_dir": "<data_dir>/loras",
+}
+
+
+def default_text(field: str) -> str:
+    """A setting's default as the environment would spell it (JSON for lists and objects)."""
+    if field in DERIVED_DEFAULTS:
+        return DERIVED_DEFAULTS[field]
+    value = Settings.model_fields[field].get_default(call_default_factory=True)
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return str(value) if str(value) else '""'
+
+
+def settings_help() -> str:
+    """Every setting, one Markdown paragraph each: its variable, default and meaning (``serve
+    --help`` shows it; built from ``Settings``, so it can't drift)."""
+    lines = ["**Settings** (environment variables; the flags above override them; FLUXSERVE_ENV_FILE: "
+             "a file of such lines):"]
+    for field, info in Settings.model_fields.items():
+        meaning = (info.description or "").strip().replace("<", "&lt;")  # not an HTML tag to Markdown
+        lines.append(f"`{env_name(field)}` (default `{default_text(field)}`){': ' + meaning if meaning else ''}")
+    return "\n\n".join(lines)
 
 
 def env_name(field: str) -> str:

@@ -34,6 +34,7 @@ import asyncio
 import base64
 import binascii
 import ipaddress
+import json
 import re
 import socket
 from collections.abc import Awaitable, Callable, Iterable
@@ -59,6 +60,7 @@ DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_PORTS = {"http": 80, "https": 443}
 REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 MAX_URL_CHARS = 8192
+ALLOW_SETTING = "FLUXSERVE_FETCH_ALLOW"  # the setting that allows private hosts (config.Settings.fetch_allow)
 _MAX_HOST_IN_MESSAGE = 100
 
 _NAT64_WELL_KNOWN = ipaddress.ip_network("64:ff9b::/96")
@@ -354,13 +356,21 @@ def _choose(parsed: _Parsed, addresses: Iterable[str], policy: FetchPolicy) -> T
             if parsed.literal is not None:
                 raise UrlRefused(
                     f"address {_show(parsed.host)} is not allowed (loopback, private, link-local, "
-                    "multicast or reserved addresses are refused)"
+                    f"multicast or reserved addresses are refused){_allow_hint(parsed.host)}"
                 )
             raise UrlRefused(
                 f"host {_show(parsed.host)} resolves to an address that is not allowed (loopback, private, "
-                "link-local, multicast or reserved addresses are refused)"
+                f"link-local, multicast or reserved addresses are refused){_allow_hint(parsed.host)}"
             )
     return Target(parsed.scheme, parsed.host, parsed.port, str(checked[0]))
+
+
+def _allow_hint(host: str) -> str:
+    """How the server's operator allows a refused host (the one setting that does)."""
+    shown = host.strip("[]") if len(host) <= _MAX_HOST_IN_MESSAGE else "your.host"
+    entry = json.dumps([shown])
+    return (f"; if this host is yours, the server's operator can allow it with "
+            f"{ALLOW_SETTING}='{entry}' (a JSON list of host names, addresses and CIDRs such as 10.0.0.0/8)")
 
 
 def _resolve_sync(parsed: _Parsed, resolver: Resolver) -> list[str]:

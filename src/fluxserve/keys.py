@@ -14,6 +14,7 @@ from fluxserve.jobs.tables import ApiKey, utcnow
 
 KEY_PREFIX = "fs_"
 WEBHOOK_SECRET_PREFIX = "whsec_"
+SHOWN_CHARS = 10  # the part of a key stored in clear and listed (``fs_`` + 7 characters)
 
 
 def hash_key(plaintext: str) -> str:
@@ -28,7 +29,7 @@ class KeyStore:
         """Return the new row and the plaintext key (shown once, never stored)."""
         plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
         row = ApiKey(
-            name=name, key_hash=hash_key(plaintext), prefix=plaintext[:10], is_admin=admin,
+            name=name, key_hash=hash_key(plaintext), prefix=plaintext[:SHOWN_CHARS], is_admin=admin,
             webhook_secret=WEBHOOK_SECRET_PREFIX + secrets.token_urlsafe(32),
         )
         with self._sessions.begin() as session:
@@ -66,11 +67,18 @@ class KeyStore:
             return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))
 
     def revoke(self, ident: str) -> ApiKey | None:
-        """Revoke by numeric id or by the listed prefix; None if nothing matched."""
+        """Revoke by numeric id, by the prefix as ``keys list`` prints it (``fs_ab12cd3…``; the
+        ellipsis, or ``...``, may be left on) or by the whole key; None if nothing matched."""
+        ident = ident.strip()
+        shown = ident.removesuffix("\u2026").removesuffix("...")
         with self._sessions.begin() as session:
             query = select(ApiKey)
-            by_id = ident.isascii() and ident.isdigit()
-            query = query.where(ApiKey.id == int(ident)) if by_id else query.where(ApiKey.prefix == ident)
+            if ident.isascii() and ident.isdigit():
+                query = query.where(ApiKey.id == int(ident))
+            elif ident.startswith(KEY_PREFIX) and len(ident) > SHOWN_CHARS and shown == ident:
+                query = query.where(ApiKey.key_hash == hash_key(ident))  # the whole key (longer than a prefix)
+            else:
+                query = query.where(ApiKey.prefix == shown)
             row = session.scalar(query)
             if row is not None and row.revoked_at is None:
                 row.revoked_at = utcnow()

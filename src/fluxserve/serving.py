@@ -60,6 +60,9 @@ def run_server(app: Any, settings: Settings, log_level: str, host: str | None = 
     ``worker_service``, on ``host``/``port``) until a signal stops it."""
     config = uvicorn.Config(
         app, host=host or settings.host, port=port or settings.port, log_level=log_level,
+        # uvicorn's loggers go to the root handler of logs.configure, in its format (JSON too),
+        # instead of uvicorn's own handlers and format
+        log_config=None,
         # a bound on draining connections (a slow upload, say); the worker's stop runs meanwhile
         timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace_seconds)),
     )

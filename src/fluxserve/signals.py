@@ -47,9 +47,24 @@ def exit_now(code: int, release: OnSignal, seconds: float = FORCE_SECONDS) -> No
     ``seconds``, then end the process at once (no cleanup, no waiting for anything else)."""
     release.fire()
     release.done.wait(seconds)
+    _release_semaphores()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:  # noqa: BLE001, S110 - exiting anyway
             pass
     os._exit(code)
+
+
+def _release_semaphores() -> None:
+    """Unlink the named semaphores this process made through multiprocessing (the worker's
+    queues and events) before ``os._exit``, which skips the finalizers that would: else the
+    resource tracker unlinks them itself at exit and warns of "leaked semaphore objects".
+    These finalizers (exit priority >= 0: semaphores, queue closing) are what a normal exit runs
+    first; the ones that join threads or processes (negative priority) are left out."""
+    try:
+        from multiprocessing import util
+
+        util._run_finalizers(0)  # type: ignore[attr-defined]  # private, stable since Python 2.6
+    except Exception:  # noqa: BLE001 - exiting anyway; the tracker still cleans up
+        log.debug("releasing semaphores failed", exc_info=True)

@@ -175,6 +175,19 @@ def _process_settings(settings: Settings, gpu: str | None) -> Settings:
     return settings.model_copy(update={"device": "cuda:0"})
 
 
+def _thread_lock_for_progress_bars() -> None:
+    """tqdm (diffusers' and transformers' loading bars) otherwise makes a multiprocessing lock,
+    a named semaphore this process registers with the server's resource tracker: when the
+    worker is killed (a second signal, kill -9, a crash) it is never unlinked, and the tracker
+    warns of a "leaked semaphore" when the server exits. The worker's bars are all drawn by its
+    own threads: a thread lock is enough."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - comes with huggingface_hub
+        return
+    tqdm.set_lock(threading.RLock())
+
+
 def _child_main(settings_data: dict[str, Any], reports: Any, commands: Any, parent_pid: int,
                 stop: Any = None, gpu: str | None = None) -> None:
     """Entry point of the worker process. With ``gpu``, it sees that GPU alone
@@ -186,6 +199,7 @@ def _child_main(settings_data: dict[str, Any], reports: Any, commands: Any, pare
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     settings = _process_settings(Settings(**settings_data), gpu)
     configure_logging(logging.INFO, settings.log_format)
+    _thread_lock_for_progress_bars()
     built: list[Worker] = []
     signalled = threading.Event()
     release = OnSignal("fluxserve-worker-release", lambda: built and built[0].release_held())

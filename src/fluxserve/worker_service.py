@@ -28,7 +28,7 @@ from fluxserve.events import JobEvents
 from fluxserve.jobs.database import open_database
 from fluxserve.jobs.store import JobStore
 from fluxserve.metrics import Metrics
-from fluxserve.runtime import ServerLifecycle, build_pool, build_registry
+from fluxserve.runtime import ServerLifecycle, build_listener, build_pool, build_registry
 
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -42,7 +42,8 @@ def build_worker_app(settings: Settings, gpus: list[str | None] | None = None) -
     pool = build_pool(settings, events, metrics, jobs, gpus)
     metrics.bind(queue_depth=jobs.queue_depth, running=jobs.running_count)
     metrics.bind_workers(busy=lambda: pool.busy, alive=lambda: sum(1 for host in pool.hosts if host.describe()["alive"]))
-    lifecycle = ServerLifecycle(pool, events, [], settings.shutdown_grace_seconds)
+    listener = build_listener(settings, events)  # on PostgreSQL: a job queued anywhere wakes these workers at once
+    lifecycle = ServerLifecycle(pool, events, [] if listener is None else [listener], settings.shutdown_grace_seconds)
 
     async def health(_request: Request) -> JSONResponse:
         """ok (200) while every worker process runs and finds nothing away; degraded (503)

@@ -3,6 +3,8 @@ the server's own network are refused (the fetcher's full vector table is tests/t
 
 from __future__ import annotations
 
+import json
+import re
 import time
 
 import pytest
@@ -37,6 +39,22 @@ def test_init_images_into_our_network_are_refused(closed, image_host, url):
     body = response.json()
     assert body["status"] == "error" and body["message"].startswith("Unable to fetch image from provided URL: ")
     assert closed.job_count() == before
+
+
+def test_a_refusal_says_how_to_allow_the_host_and_that_advice_works(closed, image_host, tmp_path, tiny_root):
+    url = image_host.replace("127.0.0.1", "localhost") + "/a.png"
+    with closed.client() as client:
+        refused = client.post(FLUX, json={"key": closed.key, "prompt": "x", "init_image": url})
+    assert refused.status_code == 400
+    message = refused.json()["message"]
+    advice = re.search(r"FLUXSERVE_FETCH_ALLOW='(\[.*?\])'", message)
+    assert advice is not None, message
+    allow = json.loads(advice.group(1))
+    assert allow == ["localhost"]
+    with live_server(tmp_path / "allowed", tiny_root, fetch_allow=allow) as allowed, allowed.client() as client:
+        body = {"key": allowed.key, "prompt": "x", "init_image": url, "num_inference_steps": 1, "width": 256, "height": 256}
+        answer = client.post(FLUX, json=body)
+    assert answer.status_code == 200 and answer.json()["status"] == "success", answer.text
 
 
 def test_webhooks_into_our_network_are_refused_not_sent(closed):

@@ -21,6 +21,7 @@ from fluxserve.api.errors import install_error_handlers
 from fluxserve.api.generation import GenerationService
 from fluxserve.api.history import history_router
 from fluxserve.api.json_bodies import JsonBodiesMiddleware
+from fluxserve.api.json_newline import JsonNewlineMiddleware, NewlineJSONResponse
 from fluxserve.api.limits import AddressRateLimitMiddleware, BodyLimitMiddleware, RateLimits
 from fluxserve.api.modelslab import router as modelslab_router
 from fluxserve.api.openai import router as openai_router
@@ -125,6 +126,7 @@ def create_app(
         description="Self-hosted image generation that speaks the ModelsLab API.",
         lifespan=lifespan,
         docs_url=None, redoc_url=None,  # served by api.pages from local files, not FastAPI's CDN links
+        default_response_class=NewlineJSONResponse,
     )
     install_error_handlers(app)
     app.state.health = Health()  # dependencies this process found away (the worker reports its own)
@@ -137,6 +139,7 @@ def create_app(
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Content-Type", "Key", "Authorization"])
+    app.add_middleware(JsonNewlineMiddleware)  # outermost: every JSON answer, refusals included, ends with "\n"
     for router in (modelslab_router, openai_router, admin, storage_router, jobs_router, history_router, catalog_router,
                    operator_router, webhooks_router, outputs_router, ops):
         app.include_router(router)

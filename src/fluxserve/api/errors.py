@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from fluxserve.api.json_newline import NewlineJSONResponse
 from fluxserve.contract import error_body, openai_error_body
 from fluxserve.dependencies import transient_dependency
 
@@ -57,7 +58,7 @@ def render_error(path: str, status_code: int, message: str, *, param: str | None
 
 def error_response(path: str, status_code: int, message: str, **details: Any) -> JSONResponse:
     body, headers = render_error(path, status_code, message, **details)
-    return JSONResponse(body, status_code=status_code, headers=headers)
+    return NewlineJSONResponse(body, status_code=status_code, headers=headers)
 
 
 def _api_error_response(path: str, exc: ApiError) -> JSONResponse:

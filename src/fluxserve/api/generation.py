@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 
 from fluxserve.api.answers import expired_body, failure_body, processing_body, success_body
 from fluxserve.api.errors import ApiError
+from fluxserve.api.own_outputs import read_own_output
 from fluxserve.api.paths import Action, PathFamily
 from fluxserve.api.schemas import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, GenerationBody
 from fluxserve.config import Settings
@@ -267,6 +268,9 @@ class GenerationService:
         """An input's bytes, under the same size cap whether fetched or uploaded."""
         policy = self.settings.fetch_policy()
         if not isinstance(source, Upload):
+            own = await run_in_threadpool(read_own_output, self.storage, source, policy.max_bytes)
+            if own is not None:  # one of our outputs: read from disk, not fetched (own_outputs)
+                return own
             return await fetch_image_bytes(source, client=self.http, policy=policy)
         if len(source.data) > policy.max_bytes:
             raise ImageInputError(f"Init image too large: larger than {policy.max_bytes} bytes")

@@ -105,7 +105,7 @@ class PipelineCache:
     def _optimize(self, cache_key, spec: ModelSpec, pipeline: Any) -> None:
         make_batch_invariant(pipeline)  # before compile traces the modules; a no-op for solo calls
         report = apply(pipeline, self.optimizations, device=self.device)
-        log.info("optimizations for %s: %s", _key(cache_key), report)
+        log.info("optimizations for %s on %s: %s", _key(cache_key), self.device, report)
         if self.optimizations.compile and self.warm_sizes and cache_key == (spec.pipeline, spec.source):
             timings = warm_up(pipeline, sizes=[(side, side) for side in self.warm_sizes], steps=1,
                               calls=lambda width, height: spec.family.warm_calls(width, height, self.warm_batch))

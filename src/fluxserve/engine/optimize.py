@@ -148,7 +148,7 @@ def apply(pipeline: Any, opts: Optimizations, *, device: str | torch.device) -> 
             log.warning("optimization %s failed on %s", switch, type(pipeline).__name__, exc_info=True)
             report[switch] = f"unavailable: {type(exc).__name__}: {exc}"
     pipeline._fluxserve_optimizations = report
-    log.info("optimizations for %s on %s: %s", type(pipeline).__name__, device, report)
+    log.debug("optimizations for %s on %s: %s", type(pipeline).__name__, device, report)  # loading logs it with its source
     return report
 
 
