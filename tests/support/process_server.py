@@ -78,7 +78,7 @@ class ServerProcess:
         worker = None
         try:
             worker = self.worker_pid()
-        except httpx.HTTPError:
+        except (httpx.HTTPError, KeyError, TypeError):  # no answer, or no worker here (--no-worker)
             pass
         self.process.kill()
         self.process.wait(10)
@@ -168,6 +168,21 @@ class WorkerProcess:
 
     def health(self) -> httpx.Response:
         return httpx.get(f"{self.base_url}/health", timeout=5)
+
+    def kill(self) -> None:
+        """kill -9 the worker role; its worker processes notice their parent is gone and exit
+        (waited for here, as for a server's worker)."""
+        assert self.process is not None, "not started"
+        children: list[int] = []
+        try:
+            children = [one["pid"] for one in self.health().json()["worker"]["workers"] if one.get("pid")]
+        except (httpx.HTTPError, KeyError, ValueError):
+            pass
+        self.process.kill()
+        self.process.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(pid) for pid in children):
+            time.sleep(0.1)
 
     def signal(self, signum: int = signal.SIGTERM) -> float:
         assert self.process is not None, "not started"
