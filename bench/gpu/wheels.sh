@@ -55,6 +55,8 @@ WHEELS=(
   sqlalchemy==2.1.9
   uvicorn==0.54.0
   sse-starlette==3.7.0
+  python-multipart==0.0.34    # FastAPI refuses the OpenAI edits route's form fields without it
+  fastapi_offline==1.7.7      # the Swagger UI and ReDoc files /docs and /redoc serve (imported by the app)
   limits==5.8.0
   deprecated==1.3.1           # limits needs it
   cryptography==50.0.2
