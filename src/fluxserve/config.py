@@ -34,6 +34,8 @@ from fluxserve.units import parse_bytes
 ENV_PREFIX = "FLUXSERVE_"
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(?::\d+)?")
 MAX_WARM_SIZE = 2048
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 class Settings(BaseSettings):
@@ -98,6 +100,21 @@ class Settings(BaseSettings):
     worker_host: str = Field(
         "127.0.0.1", description="fluxserve worker: bind address of its /health and /metrics port (0.0.0.0 in containers).")
     worker_port: int = Field(9100, ge=1, le=65535, description="fluxserve worker: port of /health and /metrics.")
+    pod_deletion_cost: Literal["auto", "off"] = Field(
+        "auto", description="fluxserve worker on Kubernetes: keep the pod's controller.kubernetes.io/pod-deletion-cost "
+        "annotation at the number of jobs in hand, so that scale-in removes idle pods first (auto: on when "
+        "FLUXSERVE_POD_NAME and an API server (KUBERNETES_SERVICE_HOST) are known; needs RBAC: patch pods).")
+    pod_name: str | None = Field(
+        None, description="The worker's own pod name (the downward API's metadata.name), for the pod deletion cost.")
+    pod_namespace: str | None = Field(
+        None, description="The worker's pod namespace (downward API's metadata.namespace); default: the service "
+        "account's namespace file.")
+    kubernetes_api_url: str | None = Field(
+        None, description="The Kubernetes API server; default https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT "
+        "(in-cluster).")
+    kubernetes_serviceaccount_dir: Path = Field(
+        Path("/var/run/secrets/kubernetes.io/serviceaccount"),
+        description="Folder of the pod's service-account token, ca.crt and namespace files.")
     worker_models: Annotated[list[str] | None, NoDecode] = Field(
         None, description="The model group this server's workers claim jobs for: comma-separated model names "
         "(aliases allowed); unset: every model.")
@@ -225,6 +242,26 @@ class Settings(BaseSettings):
             return value
         _http_url_parts(value, "a http(s) URL such as https://images.example.com (a path is allowed)")
         return value.rstrip("/")
+
+    @field_validator("pod_name", "pod_namespace")
+    @classmethod
+    def _check_pod_names(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if not value:
+            return None
+        # a pod name is a DNS subdomain (253 characters), a namespace a DNS label (63)
+        pattern, longest = (_DNS_SUBDOMAIN, 253) if info.field_name == "pod_name" else (_DNS_LABEL, 63)
+        if len(value) > longest or not pattern.fullmatch(value):
+            raise ValueError(f"{value!r} is not a Kubernetes {'pod' if info.field_name == 'pod_name' else 'namespace'} "
+                             f"name (lower-case letters, digits and '-', at most {longest} characters)")
+        return value
+
+    @field_validator("kubernetes_api_url")
+    @classmethod
+    def _check_kubernetes_api_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        _http_url_parts(value, "https://host:port")
+        return value.strip().rstrip("/")
 
     @field_validator("optimizations")
     @classmethod
@@ -398,6 +435,8 @@ DERIVED_DEFAULTS = {
     "public_base_url": "http://<host>:<port>",
     "secret_key": "generated once into <data_dir>/secret.key",
     "lora_dir": "<data_dir>/loras",
+    "pod_namespace": "the service account's namespace file",
+    "kubernetes_api_url": "https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT",
 }
 
 

@@ -482,6 +482,11 @@ class WorkerPool:
         """How many of the workers have a job in hand."""
         return sum(1 for host in self.hosts if host.link.running)
 
+    @property
+    def jobs_in_hand(self) -> int:
+        """How many jobs the workers are running (a batch: each of its jobs)."""
+        return sum(len(host.link.running) for host in self.hosts)
+
     def describe(self) -> dict[str, Any]:
         """The first worker's fields at the top (one worker: as before), ``alive`` only if every
         worker is, ``restarts`` summed, and each worker under ``workers``."""

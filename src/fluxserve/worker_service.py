@@ -2,7 +2,8 @@
 claiming jobs from the shared database, with no public API. A small HTTP port
 (``FLUXSERVE_WORKER_HOST``:``FLUXSERVE_WORKER_PORT``) answers ``GET /health`` (200 while every
 worker process is alive and none finds a dependency away, else 503; JSON either way, with
-whether each worker is busy) and ``GET /metrics`` (Prometheus).
+whether each worker is busy) and ``GET /metrics`` (Prometheus). On Kubernetes it keeps its pod's
+deletion cost at the number of jobs in hand (``fluxserve.pod_cost``): scale-in removes idle pods first.
 
 It stops like ``serve`` (``fluxserve.serving``): the first SIGTERM/SIGINT stops claiming, the
 jobs in hand get ``FLUXSERVE_SHUTDOWN_GRACE_SECONDS`` to finish, else go back to the queue, and
@@ -28,6 +29,7 @@ from fluxserve.events import JobEvents
 from fluxserve.jobs.database import open_database
 from fluxserve.jobs.store import JobStore
 from fluxserve.metrics import Metrics
+from fluxserve.pod_cost import start_pod_cost
 from fluxserve.runtime import ServerLifecycle, build_listener, build_pool, build_registry
 
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -64,10 +66,13 @@ def build_worker_app(settings: Settings, gpus: list[str | None] | None = None) -
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         lifecycle.start()
+        pod_cost = start_pod_cost(settings, lambda: pool.jobs_in_hand)  # None off Kubernetes
         try:
             yield
         finally:
             lifecycle.stop()  # stop claiming; the jobs in hand finish or go back (grace period)
+            if pod_cost is not None:  # stopped after the drain: a draining pod stays costly to pick
+                pod_cost.stop()
 
     app = Starlette(routes=[Route("/health", health), Route("/metrics", metrics_page)], lifespan=lifespan)
     app.state.lifecycle = lifecycle

@@ -71,6 +71,8 @@ def test_the_example_overlay_renders_every_piece(example):
         ("Deployment", "worker-klein"), ("PodDisruptionBudget", "worker-klein"), ("ScaledObject", "worker-klein"),
         ("Deployment", "worker-flux"), ("PodDisruptionBudget", "worker-flux"), ("ScaledObject", "worker-flux"),
         ("TriggerAuthentication", "fluxserve-postgres"),
+        ("ServiceAccount", "fluxserve-worker"), ("Role", "fluxserve-worker-pod-deletion-cost"),
+        ("RoleBinding", "fluxserve-worker-pod-deletion-cost"),
     ])
     assert {item["metadata"].get("namespace") for item in example if item["kind"] != "Namespace"} == {"fluxserve"}
     images = {c["image"] for d in by_kind(example, "Deployment").values() for c in pod_spec(d)["containers"]}
@@ -246,13 +248,59 @@ def test_fluxserve_accepts_the_settings_each_pod_gets(example, deployment, monke
         if name.startswith("FLUXSERVE_"):
             monkeypatch.delenv(name)
     env = {**settings_of(example), **secret_values(example)}
-    env.update({item["name"]: item["value"] for item in container(by_kind(example, "Deployment")[deployment]).get("env", [])})
+    env.update({item["name"]: item["value"] if "value" in item else downward_api(example, deployment, item)
+                for item in container(by_kind(example, "Deployment")[deployment]).get("env", [])})
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     settings = Settings()
     assert settings.database_url and settings.database_url.startswith("postgresql://")
     assert settings.s3_default_details() is not None
     assert settings.secret_key and settings.public_base_url and settings.models == "real"
+
+
+def downward_api(resources: list[dict], deployment: str, item: dict) -> str:
+    """What the kubelet puts in an env entry's ``valueFrom.fieldRef``: a pod name as a ReplicaSet
+    makes it, or the namespace."""
+    path = item["valueFrom"]["fieldRef"]["fieldPath"]
+    values = {"metadata.name": f"{deployment}-7d9c5b8f6d-x2k7q",
+              "metadata.namespace": by_kind(resources, "Deployment")[deployment]["metadata"].get("namespace", "default")}
+    assert path in values, f"{deployment}: {item['name']} from {path}: not a field this test knows"
+    return values[path]
+
+
+def test_worker_pods_may_patch_their_own_deletion_cost(example):
+    """Each worker pod knows its name and namespace (downward API), runs as the workers'
+    ServiceAccount with its token mounted, and that account is bound to a Role allowing get and
+    patch on pods in the pod's namespace: what ``fluxserve.pod_cost`` needs. The API pods get none of it."""
+    deployments = by_kind(example, "Deployment")
+    accounts, roles, bindings = (by_kind(example, kind) for kind in ("ServiceAccount", "Role", "RoleBinding"))
+    for name in WORKERS:
+        deployment, spec = deployments[name], pod_spec(deployments[name])
+        fields = {item["name"]: item["valueFrom"]["fieldRef"]["fieldPath"]
+                  for item in container(deployment)["env"] if "valueFrom" in item}
+        assert fields == {"FLUXSERVE_POD_NAME": "metadata.name", "FLUXSERVE_POD_NAMESPACE": "metadata.namespace"}, name
+        account = spec["serviceAccountName"]
+        assert account in accounts, name
+        assert spec.get("automountServiceAccountToken", True) and accounts[account].get("automountServiceAccountToken", True)
+        namespace = deployment["metadata"]["namespace"]
+        allowed: set[str] = set()
+        for binding in bindings.values():
+            if binding["metadata"]["namespace"] != namespace:
+                continue
+            if not any(s["kind"] == "ServiceAccount" and s["name"] == account and s.get("namespace", namespace) == namespace
+                       for s in binding["subjects"]):
+                continue
+            assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                          "name": binding["roleRef"]["name"]}
+            role = roles[binding["roleRef"]["name"]]
+            assert role["metadata"]["namespace"] == namespace
+            for rule in role["rules"]:
+                if "" in rule["apiGroups"] and "pods" in rule["resources"]:
+                    allowed |= set(rule["verbs"])
+        assert {"get", "patch"} <= allowed, f"{name}: its account may only {sorted(allowed)} pods"
+    api = pod_spec(deployments["api"])
+    assert "serviceAccountName" not in api and not any(item["name"].startswith("FLUXSERVE_POD_")
+                                                        for item in container(deployments["api"]).get("env", []))
 
 
 def test_the_overlay_sets_the_public_url(example):
