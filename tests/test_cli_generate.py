@@ -265,11 +265,13 @@ def test_base64_file_outputs_are_decoded_to_the_same_png(server, tmp_path):
 def test_the_rich_progress_bar_shows_the_steps_on_a_terminal(server, tmp_path):
     screen = io.StringIO()
     view = RichProgress(Console(file=screen, force_terminal=True, width=120))
-    saved = generate(GenerateRequest("a lighthouse", steps=20, width=256, height=256), base_url=server.base_url,
+    # a job of a few seconds even on idle cores (20 steps at 256² took 0.2 s: done before its
+    # event stream opened, so no step was ever drawn), while rich redraws 10 times a second
+    saved = generate(GenerateRequest("a lighthouse", steps=50, width=1024, height=1024), base_url=server.base_url,
                      key=server.key, out_dir=tmp_path, view=view)
     assert len(saved) == 1
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
-    assert re.search(r"step \d+/20", text) and "success" in text, text
+    assert re.search(r"step \d+/50", text) and "success" in text, text
 
 
 def test_choose_route_uses_the_catalog(server):

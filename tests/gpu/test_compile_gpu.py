@@ -22,6 +22,18 @@ pytestmark = pytest.mark.gpu
 SIZE = 256
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """torch._dynamo's caches belong to the process: compiles by earlier tests in it (the engine's
+    LoRA hot-swap test compiles the same transformer class) count toward the recompile limit
+    here, and warm-up then fails with FailOnRecompileLimitHit. Each test starts with none."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def _needs_inductor(device: str) -> None:
     reason = optimize._inductor_unavailable(device)
     if reason:
