@@ -4,6 +4,7 @@ images, and a live fluxserve server on loopback serving the tiny models."""
 from __future__ import annotations
 
 import os
+import uuid
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub, even by accident
 
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 
 from fluxserve.engine.tiny import build_tiny_models
-from tests.support.postgres import PostgresUnavailable, postgres_required, running_postgres
+from tests.support.postgres import PostgresUnavailable, create_database, postgres_required, running_postgres
 from tests.support.servers import live_server, static_server
 
 
@@ -26,6 +27,13 @@ def postgres_server(tmp_path_factory):
         if postgres_required():
             pytest.fail(f"FLUXSERVE_REQUIRE_POSTGRES=1 but {exc}")
         pytest.skip(str(exc))
+
+
+@pytest.fixture
+def database_url(postgres_server):
+    """A fresh, empty database of its own on the run's PostgreSQL server, for a test whose
+    processes share it (API and worker roles, a local cluster)."""
+    return create_database(postgres_server, f"test_{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture(scope="session")

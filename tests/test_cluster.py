@@ -9,12 +9,10 @@ included. The measured times are printed (pytest -s shows them)."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 from collections import Counter
 from contextlib import ExitStack
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -22,43 +20,15 @@ from sqlalchemy import select
 
 from fluxserve.jobs.database import open_database
 from fluxserve.jobs.tables import Job, WebhookDelivery
-from tests.support.postgres import PostgresUnavailable, postgres_cluster, postgres_required
 from tests.support.process_server import ServerProcess, WorkerProcess
 from tests.support.s3 import DUMMY_ACCESS_KEY, DUMMY_SECRET_KEY, create_bucket, running_s3, s3_client
 from tests.support.waiting import wait_until
+from tests.test_crash_safety import Receiver  # counts each job's webhooks
 
 KLEIN = "/api/v1/enterprise/flux_klein/text2img"
 FETCH = "/api/v1/enterprise/flux_klein/fetch/{id}"
 JOBS = 64
 BODY = {"width": 256, "height": 256, "num_inference_steps": 2, "safety_checker": False, "instant_response": True}
-
-
-class Receiver(ThreadingHTTPServer):
-    """A loopback webhook receiver: the job ids of the webhooks it got, in order."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        self.ids: list[int] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                receiver.ids.append(int(body["id"]))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/hook"
 
 
 def submit(api: ServerProcess, key: str, serial: int, webhook: str) -> tuple[str, int]:
@@ -79,17 +49,6 @@ def submit(api: ServerProcess, key: str, serial: int, webhook: str) -> tuple[str
             pass
         assert time.monotonic() < deadline, f"request {serial} was never accepted"
         time.sleep(0.5)
-
-
-@pytest.fixture
-def database_url(tmp_path):
-    try:
-        with postgres_cluster(tmp_path / "postgres") as cluster:
-            yield cluster.url
-    except PostgresUnavailable as exc:
-        if postgres_required():
-            pytest.fail(f"FLUXSERVE_REQUIRE_POSTGRES=1 but {exc}")
-        pytest.skip(str(exc))
 
 
 @pytest.mark.timeout(900)
@@ -143,7 +102,7 @@ def test_two_apis_and_two_workers_lose_nothing_when_one_of_each_is_killed(tmp_pa
         wait_until(lambda: all(j.status in ("succeeded", "failed", "cancelled") for j in jobs().values())
                    and len(jobs()) >= JOBS, 600, "every job to finish", 0.5)
         finished_at = time.monotonic()
-        wait_until(lambda: len(set(receiver.ids)) >= JOBS, 120, "every webhook", 0.5)
+        wait_until(lambda: len(receiver.received) >= JOBS, 120, "every webhook", 0.5)
         rows = jobs()
         with sessions() as session:
             deliveries = Counter(d.job_id for d in session.scalars(select(WebhookDelivery)))
@@ -152,7 +111,7 @@ def test_two_apis_and_two_workers_lose_nothing_when_one_of_each_is_killed(tmp_pa
         assert len(rows) == JOBS and Counter(job.track_id for job in rows.values()) == Counter(set(sent))
         assert {job.id: job.status for job in rows.values()} == {job_id: "succeeded" for _, job_id in sent.values()}
         assert deliveries == Counter(list(rows))  # one delivery row per job: no job was finished twice
-        assert set(receiver.ids) == set(rows)
+        assert set(receiver.received) == set(rows)
         retried = sum(job.attempts > 1 for job in rows.values())
 
         # any API answers any job, images included: each fetched through the API it was NOT sent to
@@ -169,5 +128,5 @@ def test_two_apis_and_two_workers_lose_nothing_when_one_of_each_is_killed(tmp_pa
                 served = http.get(f"{other.base_url}/outputs/{name}")  # /outputs/ on a replica that never had it
                 assert served.status_code == 200 and served.content == stored
     print(f"\n[cluster] {JOBS} jobs over 2 APIs and 2 workers, one of each killed -9: all succeeded once, "
-          f"{retried} retried after the kill, {len(receiver.ids)} webhooks for {JOBS} jobs; "
+          f"{retried} retried after the kill, {sum(receiver.received.values())} webhooks for {JOBS} jobs; "
           f"finished {finished_at - killed_at:.1f} s after the kills, {time.monotonic() - began:.1f} s in all")

@@ -18,7 +18,6 @@ import pytest
 
 from fluxserve.config import Settings
 from fluxserve.pod_cost import ANNOTATION, PodCostClient, PodDeletionCost, PodTarget, pod_target
-from tests.support.postgres import PostgresUnavailable, postgres_cluster, postgres_required
 from tests.support.process_server import ServerProcess, WorkerProcess
 from tests.support.waiting import wait_for_job, wait_until
 from tests.test_roles import KLEIN, LONG
@@ -238,17 +237,6 @@ def test_bad_settings_are_refused(field, value):
 
 
 # -- the real worker role ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def database_url(tmp_path):
-    try:
-        with postgres_cluster(tmp_path / "postgres") as cluster:
-            yield cluster.url
-    except PostgresUnavailable as exc:
-        if postgres_required():
-            pytest.fail(f"FLUXSERVE_REQUIRE_POSTGRES=1 but {exc}")
-        pytest.skip(str(exc))
 
 
 def test_the_worker_roles_pod_cost_rises_while_it_generates_and_falls_back_after(

@@ -18,7 +18,6 @@ from sqlalchemy import select
 
 from fluxserve.jobs.database import open_database
 from fluxserve.jobs.tables import Job
-from tests.support.postgres import PostgresUnavailable, postgres_cluster, postgres_required
 from tests.support.process_server import ServerProcess, WorkerProcess, _alive
 from tests.support.waiting import wait_for_job, wait_until
 from tests.test_readme import worker_blocks
@@ -29,17 +28,6 @@ CLEAR = "/api/v1/enterprise/flux_klein/clear_cache"
 SHORT = {"prompt": "a lighthouse", "width": 256, "height": 256, "num_inference_steps": 2, "safety_checker": False}
 LONG = {"prompt": "a slow lighthouse", "width": 1024, "height": 1024, "num_inference_steps": 50, "samples": 4,
         "safety_checker": False}
-
-
-@pytest.fixture
-def database_url(tmp_path):
-    try:
-        with postgres_cluster(tmp_path) as cluster:
-            yield cluster.url
-    except PostgresUnavailable as exc:
-        if postgres_required():
-            pytest.fail(f"FLUXSERVE_REQUIRE_POSTGRES=1 but {exc}")
-        pytest.skip(str(exc))
 
 
 @pytest.fixture

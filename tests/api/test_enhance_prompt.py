@@ -3,15 +3,12 @@ failure falls back to the original prompt and says so."""
 
 from __future__ import annotations
 
-import http.server
 import io
-import json
-import threading
 
 import pytest
 from PIL import Image
 
-from tests.support.servers import live_server
+from tests.support.servers import chat_server, live_server
 
 REALTIME = "/api/v1/enterprise/realtime/text2img"
 ENHANCED = "a fluffy ginger cat on a weathered oak bench at golden hour, soft rim light, 35mm photo"
@@ -20,25 +17,8 @@ ENHANCED = "a fluffy ginger cat on a weathered oak bench at golden hour, soft ri
 @pytest.fixture(scope="module")
 def fake_llm():
     """An OpenAI-compatible chat endpoint on loopback."""
-    seen = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            body = json.dumps({"choices": [{"message": {"role": "assistant", "content": ENHANCED}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen
-    server.shutdown()
+    with chat_server(ENHANCED) as (url, seen):
+        yield url, seen
 
 
 def body(key, **extra):

@@ -5,7 +5,6 @@ for the error shapes. Small and fast: 256² images, 1-2 steps (``extra_body``)."
 from __future__ import annotations
 
 import base64
-import http.server
 import io
 import json
 import threading
@@ -21,7 +20,7 @@ from sqlalchemy import select
 from fluxserve.jobs.tables import Job
 from fluxserve.models import DEFAULT_REGISTRY
 from tests.conftest import make_test_image
-from tests.support.servers import live_server
+from tests.support.servers import chat_server, live_server
 from tests.support.waiting import wait_until
 
 SIZE = 256
@@ -341,24 +340,8 @@ def test_rate_limit_per_key_is_openai_shaped_with_retry_after(tmp_path, tiny_roo
 @pytest.fixture(scope="module")
 def fake_llm():
     """An OpenAI-compatible chat endpoint on loopback (the enhance_prompt rewriter)."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            body = json.dumps({"choices": [{"message": {"role": "assistant", "content": "a fox, golden hour"}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    llm = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=llm.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{llm.server_address[1]}/v1"
-    llm.shutdown()
+    with chat_server("a fox, golden hour") as (url, _seen):
+        yield url
 
 
 @pytest.fixture(scope="module")

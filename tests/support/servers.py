@@ -1,10 +1,11 @@
-"""Real servers on loopback for tests: the fluxserve app under uvicorn in a thread, and a
-plain HTTP server holding init images."""
+"""Real servers on loopback for tests: the fluxserve app under uvicorn in a thread, a plain
+HTTP server holding init images, and an OpenAI-compatible chat endpoint (the prompt rewriter)."""
 
 from __future__ import annotations
 
 import functools
 import http.server
+import json
 import socket
 import threading
 import time
@@ -99,6 +100,34 @@ def static_server(directory: Path) -> str:
     thread.start()
     try:
         yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@contextmanager
+def chat_server(content: str):
+    """An OpenAI-compatible chat completions endpoint that answers every request with ``content``;
+    yields (its base URL, ending in /v1; the request bodies it got, in order)."""
+    seen: list[dict] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            body = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", seen
     finally:
         httpd.shutdown()
         httpd.server_close()
